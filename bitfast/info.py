@@ -1,0 +1,43 @@
+"""What this install can do: versions, compiled backends, usable backends and why the others are not."""
+import platform
+
+import torch
+
+from bitfast import _backend
+from bitfast.version import __version__
+
+
+def _triton_version():
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return "not installed"
+
+
+def report():
+    """The info() text as a list of lines."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"
+    lines = [
+        f"bitfast {__version__}",
+        f"python  {platform.python_version()}",
+        f"torch   {torch.__version__} (CUDA build: {torch.version.cuda or 'no, CPU-only'})",
+        f"triton  {_triton_version()}",
+        f"GPU     {gpu}",
+        f"default backend: {_backend.current_backend() or 'auto'} (set with backend=, bitfast.use_backend() or BITFAST_BACKEND)",
+        "",
+        f"{'backend':8} {'compiled':9} {'usable now':11} why not",
+    ]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for name in _backend.BACKENDS:
+        compiled_why = _backend.compiled_why(name)
+        # the cpu backend is judged on CPU tensors; the others on the GPU if there is one
+        why = _backend.usable_why(name, "cpu" if name == "cpu" else ("cuda" if name == "cuda" else device))
+        lines.append(f"{name:8} {'yes' if compiled_why is None else 'no':9} {'yes' if why is None else 'no':11} {why or ''}")
+    return lines
+
+
+def info():
+    """Print versions and backend availability (also: python -m bitfast)."""
+    print("\n".join(report()))

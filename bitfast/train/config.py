@@ -1,0 +1,240 @@
+"""Run configuration: one dataclass, a few presets, key=value overrides, and the resolved recipe.
+
+`TrainConfig` is what the user asked for (None = "let the rule decide"); `resolve()` turns it plus facts
+about the data and the world size into a `Recipe` with every value fixed, and a reason for each.
+"""
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+from bitfast.train import hyperrule as hr
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "transfer"  # "transfer" (BiT-HyperRule) or "upstream" (pre-training recipe)
+    model: str = "BiT-M-R50x1"  # a bitfast.models zoo name
+    weights: Optional[str] = None  # .npz (official), timm state_dict or native checkpoint; None = from scratch
+    data: str = ""  # ImageFolder root (train/ + val/ or test/) or a built-in name, e.g. fashion-mnist:5-9
+    out: str = "runs/bitfast"
+    examples_per_class: int = 0  # few-shot K per class (0 = all)
+    seed: int = 0
+    batch: int = hr.BATCH  # global batch, whatever the world size
+    batch_split: int = 1  # micro-batches per step on ONE device; per-rank split is derived
+    lr: Optional[float] = None
+    steps: Optional[int] = None  # stretches the rule's supports to end at this step
+    resolution: Optional[str] = None  # "RESIZE,CROP" or "CROP"
+    paper_res: bool = False  # (448, 384) instead of the code's (512, 480)
+    mixup: Optional[float] = None
+    no_flip: bool = False
+    no_crop: bool = False
+    weight_decay: Optional[float] = None  # transfer: 0; upstream: 1e-4
+    epochs: float = 90.0  # upstream only
+    warmup: int = 5000  # upstream only (capped at a tenth of the run)
+    loss: str = "softmax"  # or "sigmoid" (multi-label upstream data, as ImageNet-21k)
+    norm: str = "gn"  # model variants for scratch/ablation runs
+    conv: str = "ws"
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    backend: Optional[str] = None
+    device: str = "auto"
+    eval_every: Optional[int] = None  # default: 5 evaluations per run
+    ckpt_every: Optional[int] = None  # default: 10 checkpoints per run
+    log_every: int = 10
+    workers: Optional[int] = None  # default: 0 for in-memory data, else min(8, cpus per rank)
+    stop_after: Optional[int] = None  # checkpoint and exit after this many steps in this invocation
+    resume: Optional[str] = None  # a checkpoint; default: <out>/last.pt when it exists
+    progress: bool = True
+
+
+PRESETS = {
+    "transfer": {},
+    "upstream": dict(mode="upstream", batch=4096),
+    # The demo: HyperRule shape at a CPU scale (1/8 of the batch, 1/5 of the steps, 28px crops).
+    "demo-upstream": dict(mode="upstream", model="bit_tiny", data="fashion-mnist-small:0-4", batch=128,
+                          epochs=6, warmup=50, resolution="32,28", workers=0, eval_every=0),
+    "demo-transfer": dict(model="bit_tiny", data="fashion-mnist-small:5-9", examples_per_class=10, batch=64,
+                          steps=100, resolution="32,28", workers=0, eval_every=0),
+}
+
+CHOICES = dict(mode=("transfer", "upstream"), precision=("fp32", "bf16", "fp16"), loss=("softmax", "sigmoid"),
+               norm=("gn", "bn"), conv=("ws", "plain"))
+
+
+def _coerce(name, typ, text):
+    """Parse `text` as the field's type (str, int, float, bool, or Optional of those)."""
+    typ = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    if "None" in typ or "Optional" in typ:
+        if text.lower() in ("none", "null", ""):
+            return None
+        typ = typ.replace("Optional[", "").rstrip("]")
+    try:
+        if typ == "bool":
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        return {"int": int, "float": float}.get(typ, str)(text)
+    except ValueError:
+        raise ValueError(f"override {name}={text!r}: expected {typ}") from None
+
+
+def apply_overrides(cfg, items):
+    """Apply ["key=value", ...] (dashes or underscores in keys) to a TrainConfig, in place."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected key=value")
+        key, text = item.split("=", 1)
+        key = key.strip().lstrip("-").replace("-", "_")
+        if key not in fields:
+            raise ValueError(f"override {item!r}: unknown key {key!r}; known: {', '.join(sorted(fields))}")
+        setattr(cfg, key, _coerce(key, fields[key].type, text.strip()))
+    return validate(cfg)
+
+
+def validate(cfg):
+    for k, allowed in CHOICES.items():
+        if getattr(cfg, k) not in allowed:
+            raise ValueError(f"{k} must be one of {allowed}, got {getattr(cfg, k)!r}")
+    for k in ("batch", "batch_split", "log_every"):
+        if getattr(cfg, k) < 1:
+            raise ValueError(f"{k} must be >= 1, got {getattr(cfg, k)}")
+    for k in ("examples_per_class", "warmup"):
+        if getattr(cfg, k) < 0:
+            raise ValueError(f"{k} must be >= 0, got {getattr(cfg, k)}")
+    for k in ("steps", "stop_after"):
+        if getattr(cfg, k) is not None and getattr(cfg, k) < 1:
+            raise ValueError(f"{k} must be >= 1, got {getattr(cfg, k)}")
+    if cfg.mixup is not None and cfg.mixup < 0:
+        raise ValueError(f"mixup must be >= 0, got {cfg.mixup}")
+    if cfg.lr is not None and cfg.lr <= 0:
+        raise ValueError(f"lr must be > 0, got {cfg.lr}")
+    if cfg.resolution is not None:
+        parse_resolution(cfg.resolution)
+    return cfg
+
+
+def parse_resolution(text):
+    """'R,C' -> (R, C); 'C' -> (None, C)."""
+    parts = str(text).replace("x", ",").split(",")
+    try:
+        vals = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"resolution must be 'RESIZE,CROP' or 'CROP', got {text!r}") from None
+    if len(vals) not in (1, 2) or min(vals) < 1 or (len(vals) == 2 and vals[1] > vals[0]):
+        raise ValueError(f"resolution must be 'RESIZE,CROP' (crop <= resize) or 'CROP', got {text!r}")
+    return (None, vals[0]) if len(vals) == 1 else tuple(vals)
+
+
+def make_config(preset="transfer", overrides=(), **kw):
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
+    cfg = TrainConfig(**{**PRESETS[preset], **kw})
+    return apply_overrides(cfg, list(overrides))
+
+
+@dataclass
+class Recipe:
+    """Every training value fixed; `why` maps a value's name to the rule (or flag) that chose it."""
+    mode: str
+    dataset_size: int
+    num_classes: int
+    resize: int
+    crop: int
+    flip: bool
+    random_crop: bool
+    supports: list
+    lr: float
+    weight_decay: float
+    mixup: float
+    batch: int  # global
+    world_size: int
+    rank_batch: int
+    rank_split: int  # micro-batches per rank step
+    why: dict = field(default_factory=dict)
+
+    @property
+    def steps(self):
+        return self.supports[-1]
+
+    @property
+    def micro_batch(self):
+        return self.rank_batch // self.rank_split
+
+
+def _split_for_rank(batch, batch_split, world):
+    """Per-rank batch and micro-batch count keeping the one-device micro-batch size (or smaller)."""
+    if batch % world:
+        raise ValueError(f"batch={batch} must be divisible by the world size {world}")
+    rank_batch = batch // world
+    micro = max(1, batch // batch_split)  # what fits in one device's memory
+    split = next(d for d in range(1, rank_batch + 1) if rank_batch % d == 0 and rank_batch // d <= micro)
+    return rank_batch, split
+
+
+def resolve(cfg, dataset_size, image_hw, num_classes, world_size=1):
+    """The Recipe for this config, data (size after few-shot, typical (H, W)) and world size."""
+    why = {}
+    # Resolution.
+    (r_rule, c_rule), why_res = hr.resolution(image_hw, paper=cfg.paper_res)
+    if cfg.mode == "upstream":
+        (r_rule, c_rule), why_res = (256, 224), "upstream recipe: Inception crop 224 (+flip)"
+    if cfg.resolution is None:
+        resize, crop, why["resolution"] = r_rule, c_rule, why_res
+    else:
+        resize, crop = parse_resolution(cfg.resolution)
+        if resize is None:
+            resize = round(crop * r_rule / c_rule)
+        why["resolution"] = f"--resolution {cfg.resolution}"
+    # Schedule and lr.
+    if cfg.mode == "transfer":
+        supports, why["supports"] = hr.schedule(dataset_size)
+        lr, why["lr"] = hr.BASE_LR, "BiT-HyperRule base lr 0.003 (SGD momentum 0.9)"
+        wd, why["weight_decay"] = 0.0, "BiT-HyperRule: no weight decay"
+        mix, why["mixup"] = hr.mixup_alpha(dataset_size)
+    else:
+        spe = max(1, dataset_size // cfg.batch)
+        supports = hr.upstream_supports(spe, cfg.epochs, cfg.warmup)
+        why["supports"] = f"upstream: {cfg.epochs:g} epochs x {spe} steps, /10 at epochs 30/60/80 of 90 (scaled)"
+        lr, why["lr"] = hr.upstream_lr(cfg.batch), f"upstream: 0.03 x batch/256 = {hr.upstream_lr(cfg.batch):g}"
+        wd, why["weight_decay"] = 1e-4, "upstream recipe: weight decay 1e-4"
+        mix, why["mixup"] = 0.0, "upstream recipe: no MixUp"
+    if cfg.steps is not None:
+        supports = hr.scale_supports(supports, cfg.steps)
+        why["supports"] += f"; --steps {cfg.steps} stretches it to {supports}"
+    if cfg.lr is not None:
+        lr, why["lr"] = cfg.lr, f"--lr {cfg.lr:g}"
+    if cfg.mixup is not None:
+        mix, why["mixup"] = cfg.mixup, f"--mixup {cfg.mixup:g}"
+    if cfg.weight_decay is not None:
+        wd, why["weight_decay"] = cfg.weight_decay, f"--weight-decay {cfg.weight_decay:g}"
+    rank_batch, split = _split_for_rank(cfg.batch, cfg.batch_split, world_size)
+    why["batch"] = (f"global batch {cfg.batch} = {world_size} rank(s) x {rank_batch}"
+                    f" = {split} micro-batch(es) of {rank_batch // split} per rank"
+                    + (" (the rule's 512)" if cfg.batch == hr.BATCH else " (--batch)"))
+    why["flip"] = "--no-flip" if cfg.no_flip else "random horizontal flip"
+    why["random_crop"] = "--no-crop (resize straight to the crop size)" if cfg.no_crop else "random crop"
+    return Recipe(cfg.mode, dataset_size, num_classes, resize, crop, not cfg.no_flip, not cfg.no_crop,
+                  supports, lr, wd, mix, cfg.batch, world_size, rank_batch, split, why)
+
+
+def describe(recipe):
+    """Multi-line text for --dry-run and the start of a run."""
+    r = recipe
+    rows = [
+        ("dataset", f"{r.dataset_size:,} training examples, {r.num_classes} classes", None),
+        ("resolution", f"resize {r.resize} -> crop {r.crop}", "resolution"),
+        ("supports", f"warmup {r.supports[0]}, /10 after {r.supports[1:-1]}, end {r.steps} steps", "supports"),
+        ("lr", f"{r.lr:g}", "lr"),
+        ("weight decay", f"{r.weight_decay:g}", "weight_decay"),
+        ("mixup alpha", f"{r.mixup:g}", "mixup"),
+        ("batch", f"{r.batch}", "batch"),
+        ("flip", str(r.flip), "flip"),
+        ("random crop", str(r.random_crop), "random_crop"),
+    ]
+    lines = [f"{r.mode} recipe:"]
+    lines += [f"  {k:<13}{v:<44}" + (f"<- {r.why[w]}" if w in r.why else "") for k, v, w in rows]
+    return "\n".join(lines)

@@ -1,0 +1,265 @@
+"""Data: image sources (ImageFolder trees, built-in arrays), BiT transforms, few-shot, and a resumable sampler.
+
+Randomness lives in the sampler, not in the workers: every training sample comes as (index, aug_seed), where
+aug_seed is a pure function of (run seed, position in the sample stream). So crops and flips do not depend on
+the number of workers or ranks, and a resumed run replays exactly the same images in the same order.
+
+    train: squash-resize to (R, R) -> random crop C -> random flip          (transfer, GUIDE §4)
+           Inception crop C -> random flip                                  (upstream)
+    eval : squash-resize to (C, C)
+Images leave the workers as uint8 (3, C, C); the loop scales them to [-1, 1] on the device.
+"""
+import math
+import os
+import re
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bitfast import datasets
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+BUILTIN = {"fashion-mnist": "auto", "fashion-mnist-small": "small", "fashion-mnist-full": "full"}
+
+
+class ArraySource:
+    """In-memory uint8 images (N, H, W) or (N, H, W, 3) with int labels."""
+    in_memory = True
+
+    def __init__(self, x, y, classes, name):
+        self.x, self.labels, self.classes, self.name = x, np.asarray(y, np.int64), list(classes), name
+
+    def __len__(self):
+        return len(self.labels)
+
+    def describe(self, i):
+        return f"{self.name}[{i}]"
+
+    def load(self, i):
+        return Image.fromarray(self.x[i]).convert("RGB")
+
+    def image_hw(self):
+        return tuple(self.x.shape[1:3])
+
+
+class FolderSource:
+    """An ImageFolder-style directory: <root>/<class>/<image>. Files are listed, not opened, at start."""
+    in_memory = False
+
+    def __init__(self, root, classes=None):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"data: {root} is not a directory")
+        found = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+        if classes is None:
+            classes = found
+        extra = sorted(set(found) - set(classes))
+        if extra:
+            raise ValueError(f"data: {root} has classes not in the training set: {extra[:5]}")
+        self.root, self.classes, self.name = root, list(classes), root
+        self.paths, labels = [], []
+        for label, cls in enumerate(self.classes):
+            d = os.path.join(root, cls)
+            if not os.path.isdir(d):
+                continue
+            for dirpath, _, files in sorted(os.walk(d, followlinks=True)):
+                for f in sorted(files):
+                    if f.lower().endswith(IMAGE_EXTENSIONS):
+                        self.paths.append(os.path.join(dirpath, f))
+                        labels.append(label)
+        if not self.paths:
+            raise ValueError(f"data: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}/<class>/")
+        self.labels = np.asarray(labels, np.int64)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def describe(self, i):
+        return self.paths[i]
+
+    def load(self, i):
+        with Image.open(self.paths[i]) as im:
+            return im.convert("RGB")  # forces decoding, so truncated files fail here; gray -> 3 channels
+
+    def image_hw(self, sample=64):
+        """Median (H, W) over up to `sample` evenly spaced files (headers only)."""
+        sizes = []
+        for i in np.linspace(0, len(self) - 1, min(sample, len(self))).astype(int):
+            try:
+                with Image.open(self.paths[i]) as im:
+                    sizes.append((im.height, im.width))
+            except Exception:  # a corrupt file here is counted later, when it is loaded
+                continue
+        if not sizes:
+            raise ValueError(f"data: none of the sampled images under {self.root} could be opened")
+        return tuple(int(v) for v in np.median(np.asarray(sizes), axis=0))
+
+
+def _parse_classes(text):
+    """'5-9' -> [5..9]; '0,2,4' -> [0, 2, 4]."""
+    if not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", text):
+        raise ValueError(f"data: class list must look like '5-9' or '0,2,4', got {text!r}")
+    out = []
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        out += list(range(int(a), int(b or a) + 1))
+    return out
+
+
+def open_data(spec):
+    """(train source, eval source) for an ImageFolder root or a built-in name like 'fashion-mnist:5-9'."""
+    if not spec:
+        raise ValueError("data: give --data (an ImageFolder root with train/ and val/ or test/, or one of "
+                         f"{', '.join(BUILTIN)}, optionally with ':CLASSES', e.g. fashion-mnist:5-9)")
+    name, _, cls_text = spec.partition(":")
+    if name in BUILTIN and not os.path.isdir(spec):
+        classes = _parse_classes(cls_text) if cls_text else list(range(10))
+        source = datasets.resolve_source(BUILTIN[name])
+        names = [datasets.FASHION_MNIST_CLASSES[c] for c in classes if 0 <= c < 10]
+        tag = f"fashion-mnist ({'full 60k/10k' if source == 'full' else 'shipped subset'})"
+        return tuple(ArraySource(*datasets.load_fashion_mnist(split, source, classes), names, f"{tag} {split}")
+                     for split in ("train", "test"))
+    train_dir = os.path.join(spec, "train")
+    if not os.path.isdir(train_dir):
+        raise FileNotFoundError(f"data: {spec!r} is neither a built-in dataset ({', '.join(BUILTIN)}) "
+                                "nor a directory with a train/ folder")
+    eval_dir = next((os.path.join(spec, d) for d in ("val", "test") if os.path.isdir(os.path.join(spec, d))), None)
+    if eval_dir is None:
+        raise FileNotFoundError(f"data: {spec} has train/ but neither val/ nor test/")
+    train = FolderSource(train_dir)
+    return train, FolderSource(eval_dir, classes=train.classes)
+
+
+def fewshot_indices(labels, k, seed):
+    """K indices per class, chosen by a seeded shuffle (sorted). k=0 keeps everything."""
+    labels = np.asarray(labels)
+    if k == 0:
+        return np.arange(len(labels))
+    order = np.random.default_rng(seed).permutation(len(labels))
+    picked = []
+    for c in np.unique(labels):
+        members = order[labels[order] == c]
+        if len(members) < k:
+            raise ValueError(f"examples_per_class={k} but class {c} has only {len(members)} examples")
+        picked.append(members[:k])
+    return np.sort(np.concatenate(picked))
+
+
+def _to_uint8_chw(img):
+    return torch.from_numpy(np.asarray(img, np.uint8).copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+def train_transform(img, rng, resize, crop, flip=True, random_crop=True):
+    if random_crop:
+        img = img.resize((resize, resize), Image.BILINEAR)
+        top, left = rng.integers(0, resize - crop + 1, size=2)
+        img = img.crop((left, top, left + crop, top + crop))
+    else:
+        img = img.resize((crop, crop), Image.BILINEAR)
+    if flip and rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return _to_uint8_chw(img)
+
+
+def inception_transform(img, rng, crop, flip=True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """Random area/aspect crop resized to crop x crop (Inception preprocessing), then a random flip."""
+    w, h = img.size
+    box = (0, 0, w, h)
+    for _ in range(10):
+        area = w * h * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+            box = (left, top, left + cw, top + ch)
+            break
+    img = img.resize((crop, crop), Image.BILINEAR, box=box)
+    if flip and rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return _to_uint8_chw(img)
+
+
+def eval_transform(img, crop):
+    return _to_uint8_chw(img.resize((crop, crop), Image.BILINEAR))
+
+
+class View(torch.utils.data.Dataset):
+    """Items are (index, aug_seed) pairs from the samplers; aug_seed None means eval."""
+
+    def __init__(self, source, recipe, upstream=False):
+        self.source, self.r, self.upstream = source, recipe, upstream
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, item):
+        i, seed = item
+        label = int(self.source.labels[i])
+        try:
+            img = self.source.load(i)
+        except Exception as e:  # unreadable / corrupt: skipped and counted by the loop, never fatal
+            return None, label, f"{self.source.describe(i)} ({type(e).__name__}: {e})"
+        if seed is None:
+            return eval_transform(img, self.r.crop), label, None
+        rng = np.random.default_rng(seed)
+        if self.upstream and self.r.random_crop:
+            return inception_transform(img, rng, self.r.crop, self.r.flip), label, None
+        return train_transform(img, rng, self.r.resize, self.r.crop, self.r.flip, self.r.random_crop), label, None
+
+
+def collate(items):
+    """-> x uint8 (N, 3, C, C), y int64 (N,), bad: list of descriptions of skipped images."""
+    good = [(x, y) for x, y, err in items if err is None]
+    bad = [err for _, _, err in items if err is not None]
+    if not good:
+        return None, None, bad
+    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), bad
+
+
+class StreamSampler:
+    """Batches of (source index, aug_seed) for one rank, from an endless seeded stream, starting at `start_step`.
+
+    The stream concatenates epochs; epoch e is a permutation of `indices` seeded by (seed, e). Global step s
+    takes stream positions [s*B, (s+1)*B); rank r takes the r-th of `world` equal slices. The sampler
+    position in a checkpoint is therefore just the step.
+    """
+
+    def __init__(self, indices, batch, rank, world, seed, start_step=0, stop_step=None):
+        self.indices, self.batch, self.rank, self.world = np.asarray(indices), batch, rank, world
+        self.seed, self.start, self.stop = seed, start_step, stop_step
+        self._epoch, self._perm = None, None
+
+    def _perm_for(self, epoch):
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._epoch, self._perm = epoch, self.indices[rng.permutation(len(self.indices))]
+        return self._perm
+
+    def batch_at(self, step):
+        per = self.batch // self.world
+        n, out = len(self.indices), []
+        for pos in range(step * self.batch + self.rank * per, step * self.batch + (self.rank + 1) * per):
+            out.append((int(self._perm_for(pos // n)[pos % n]), aug_seed(self.seed, pos)))
+        return out
+
+    def __iter__(self):
+        step = self.start
+        while self.stop is None or step < self.stop:
+            yield self.batch_at(step)
+            step += 1
+
+
+def aug_seed(seed, pos):
+    """Per-sample augmentation seed from (run seed, stream position); stable across processes."""
+    return int(np.random.SeedSequence([seed, pos, 0xB17]).generate_state(1, np.uint64)[0])
+
+
+def eval_batches(n, batch, rank, world):
+    """Rank r evaluates items r, r+W, ... exactly once: no padding, so no duplicates and no drops."""
+    mine = list(range(rank, n, world))
+    return [[(i, None) for i in mine[j:j + batch]] for j in range(0, len(mine), batch)]
+
+
+def loader(view, batch_sampler, workers, pin):
+    return torch.utils.data.DataLoader(view, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate,
+                                       pin_memory=pin, persistent_workers=False)

@@ -1,0 +1,80 @@
+"""torch.distributed glue for torchrun: NCCL on GPUs, gloo on CPU; a no-op for a single process.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (and MASTER_ADDR / MASTER_PORT from its rendezvous flags);
+this module only reads them.
+"""
+import gc
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.size > 1
+
+
+def pick_device(name, local_rank=0):
+    if name == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r} but CUDA is not available")
+        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+    return dev
+
+
+def init(device="auto"):
+    """Join the torchrun process group if there is one; returns this process's World."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local)
+    if size > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    return World(rank, size, local, dev)
+
+
+def all_sum(world, values):
+    """Sum a list of floats over ranks (fp64 on the rank's device; one collective)."""
+    t = torch.tensor(values, dtype=torch.float64, device=world.device)
+    if world.distributed:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather_objects(world, obj):
+    if not world.distributed:
+        return [obj]
+    out = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(world):
+    if world.distributed:
+        dist.barrier()
+
+
+def shutdown(world, *objects):
+    """Drop references to DDP model/optimizer first: gloo can abort at exit otherwise (GUIDE §7)."""
+    del objects
+    gc.collect()
+    if world.distributed and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,85 @@
+"""What a run leaves behind (rank 0 only): metrics.jsonl, TensorBoard events if available, plot.png, summary."""
+import json
+import os
+
+
+class Metrics:
+    """Appends one JSON object per line; on resume, drops lines from after the checkpoint's step."""
+
+    def __init__(self, out, resume_step=None, tensorboard=True):
+        self.path = os.path.join(out, "metrics.jsonl")
+        if resume_step is None:
+            open(self.path, "w").close()
+        else:
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+                self.tb = SummaryWriter(os.path.join(out, "tb"), purge_step=resume_step)
+            except ImportError:
+                pass
+
+    def write(self, kind, step, **values):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path):
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill mid-write
+                continue
+    return rows
+
+
+def plot(metrics_path, png_path, title=""):
+    """Loss, lr and accuracy against step. Returns the PNG path, or None (with the reason) without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None, "plot.png skipped: matplotlib is not installed (pip install matplotlib)"
+    rows = read_metrics(metrics_path)
+    tr = [r for r in rows if r["kind"] == "train"]
+    ev = [r for r in rows if r["kind"] == "eval"]
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
+    ax[0].plot([r["step"] for r in tr], [r["loss"] for r in tr], label="train")
+    ax[0].plot([r["step"] for r in ev], [r["loss"] for r in ev], "o-", label="eval")
+    ax[0].set(title="loss", xlabel="step")
+    ax[0].legend()
+    ax[1].plot([r["step"] for r in tr], [r["lr"] for r in tr])
+    ax[1].set(title="learning rate", xlabel="step")
+    ax[2].plot([r["step"] for r in ev], [100 * r["top1"] for r in ev], "o-", label="top-1")
+    ax[2].plot([r["step"] for r in ev], [100 * r["top5"] for r in ev], "s--", label="top-5")
+    ax[2].set(title="eval accuracy (%)", xlabel="step")
+    ax[2].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path, None
+
+
+def summary_text(s):
+    lines = [f"top-1 {100 * s['top1']:.2f}%  top-5 {100 * s['top5']:.2f}%  on {s['eval_images']:,} eval images",
+             f"{s['steps']} steps, {s['wall_s']:.1f} s, {s['img_per_s']:.1f} img/s (training)"]
+    if s.get("skipped_images"):
+        lines.append(f"skipped {len(s['skipped_images'])} unreadable image(s), e.g. {s['skipped_images'][0]}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Triton kernels for bitfast (installed as bitfast.kernels). One op per file."""
