@@ -26,8 +26,8 @@ def cuda_build_reason():
 
 def extension():
     sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/*_cpu.cpp"))
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
-    nvcc = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
+    cxx = ["-O3", "-fopenmp"]  # torch picks the C++ standard (C++20 for torch >= 2.13)
+    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     reason = cuda_build_reason()
     if reason is None:
         print("bitfast: building CUDA kernels for TORCH_CUDA_ARCH_LIST=" + os.environ["TORCH_CUDA_ARCH_LIST"])

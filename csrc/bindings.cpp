@@ -213,6 +213,115 @@ at::Tensor weight_standardize_bwd(const at::Tensor& dy, const at::Tensor& w, con
   return dw;
 }
 
+// -------------------------------------------------------------------------------- weight_standardize_many
+// Many weights in one call (csrc/weight_standardize.h: WSItem). Empty weights get their (empty) outputs but no item.
+
+struct WSMany {
+  std::vector<WSItem> items;
+  int64_t rows = 0, max_K = 0;
+};
+
+WSMany ws_many_items(const std::vector<at::Tensor>& ws) {
+  TORCH_CHECK(!ws.empty(), "bitfast: weights must be a non-empty list");
+  WSMany m;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    const at::Tensor& w = ws[i];
+    TORCH_CHECK(w.scalar_type() == ws[0].scalar_type() && w.device() == ws[0].device(), "bitfast: weights[", i,
+                "] is ", w.scalar_type(), " on ", w.device(), " but weights[0] is ", ws[0].scalar_type(), " on ",
+                ws[0].device(), "; all weights must share one dtype and device");
+    const WSArgs a = ws_args(w, 0.0);
+    if (w.numel() > 0) m.items.push_back({w.data_ptr(), nullptr, nullptr, a.O, a.K, m.rows});
+    m.rows += a.O;
+    m.max_K = std::max(m.max_K, a.K);
+  }
+  return m;
+}
+
+#ifdef BITFAST_WITH_CUDA
+// The item table in device memory: staged in pinned memory so the copy is asynchronous (the caching host
+// allocator keeps the staging buffer alive until the copy has run).
+at::Tensor device_items(const std::vector<WSItem>& items, const at::Tensor& like) {
+  const int64_t bytes = static_cast<int64_t>(items.size() * sizeof(WSItem));
+  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), items.data(), bytes);
+  return host.to(like.device(), /*non_blocking=*/true);
+}
+#endif
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> weight_standardize_many_fwd(
+    const std::vector<at::Tensor>& ws, double eps, c10::optional<at::ScalarType> out_dtype) {
+  WSMany m = ws_many_items(ws);
+  const at::Tensor& w0 = ws[0];
+  check_device_compiled(w0);
+  const at::ScalarType out_t = out_dtype.value_or(w0.scalar_type());
+  const DType in = to_dtype(w0.scalar_type(), "weights"), out = to_dtype(out_t, "out_dtype");
+  std::vector<at::Tensor> ys;
+  for (const at::Tensor& w : ws) ys.push_back(at::empty_like(w, w.options().dtype(out_t)));  // keeps the layout
+  for (size_t i = 0, j = 0; i < ws.size(); ++i)
+    if (ws[i].numel() > 0) m.items[j++].out = ys[i].data_ptr();
+  at::Tensor mean = at::empty({m.rows}, w0.options().dtype(acc_type(w0.scalar_type())));
+  at::Tensor rstd = at::empty_like(mean);
+  if (m.items.empty()) return {ys, mean, rstd};
+  const int64_t n = static_cast<int64_t>(m.items.size());
+  if (w0.is_cuda()) {
+#ifdef BITFAST_WITH_CUDA
+    c10::cuda::CUDAGuard guard(w0.device());
+    at::Tensor table = device_items(m.items, w0);
+    check_status(weight_standardize_many_fwd_cuda(in, out, static_cast<const WSItem*>(table.data_ptr()), n,
+                                                  m.rows, m.max_K, eps, mean.data_ptr(), rstd.data_ptr(),
+                                                  current_stream()),
+                 "weight_standardize_many_fwd_cuda");
+#endif
+  } else {
+    weight_standardize_many_fwd_cpu(in, out, m.items.data(), n, eps, mean.data_ptr(), rstd.data_ptr());
+  }
+  return {ys, mean, rstd};
+}
+
+std::vector<at::Tensor> weight_standardize_many_bwd(const std::vector<at::Tensor>& dys,
+                                                    const std::vector<at::Tensor>& ws, const at::Tensor& mean,
+                                                    const at::Tensor& rstd) {
+  WSMany m = ws_many_items(ws);
+  const at::Tensor& w0 = ws[0];
+  check_device_compiled(w0);
+  TORCH_CHECK(dys.size() == ws.size(), "bitfast: got ", dys.size(), " grads for ", ws.size(), " weights");
+  const DType in = to_dtype(w0.scalar_type(), "weights"), out = to_dtype(dys[0].scalar_type(), "grads");
+  for (size_t i = 0; i < ws.size(); ++i) {
+    TORCH_CHECK(dys[i].sizes() == ws[i].sizes() && dys[i].strides() == ws[i].strides() &&
+                    dys[i].device() == ws[i].device() && dys[i].scalar_type() == dys[0].scalar_type(),
+                "bitfast: grads[", i, "] must match weights[", i, "] in shape, layout and device, and grads[0] in ",
+                "dtype");
+  }
+  for (const at::Tensor* s : {&mean, &rstd}) {
+    TORCH_CHECK(s->dim() == 1 && s->size(0) == m.rows && s->scalar_type() == acc_type(w0.scalar_type()) &&
+                    s->is_contiguous() && s->device() == w0.device(),
+                "bitfast: mean/rstd must be contiguous (", m.rows, ",) ", acc_type(w0.scalar_type()), " tensors");
+  }
+  std::vector<at::Tensor> dws;
+  for (const at::Tensor& w : ws) dws.push_back(at::empty_like(w));
+  for (size_t i = 0, j = 0; i < ws.size(); ++i) {
+    if (ws[i].numel() == 0) continue;
+    m.items[j].dy = dys[i].data_ptr();
+    m.items[j++].out = dws[i].data_ptr();
+  }
+  if (m.items.empty()) return dws;
+  const int64_t n = static_cast<int64_t>(m.items.size());
+  if (w0.is_cuda()) {
+#ifdef BITFAST_WITH_CUDA
+    c10::cuda::CUDAGuard guard(w0.device());
+    at::Tensor table = device_items(m.items, w0);
+    check_status(weight_standardize_many_bwd_cuda(in, out, static_cast<const WSItem*>(table.data_ptr()), n,
+                                                  m.rows, m.max_K, mean.data_ptr(), rstd.data_ptr(),
+                                                  current_stream()),
+                 "weight_standardize_many_bwd_cuda");
+#endif
+  } else {
+    weight_standardize_many_bwd_cpu(in, out, m.items.data(), n, mean.data_ptr(), rstd.data_ptr());
+  }
+  return dws;
+}
+// ---------------------------------------------------------------------------- end weight_standardize_many
+
 }  // namespace
 }  // namespace bitfast
 
@@ -227,4 +336,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_norm_bwd", &bitfast::group_norm_bwd, "GroupNorm(+ReLU) backward -> (dx, dweight, dbias)");
   m.def("weight_standardize_fwd", &bitfast::weight_standardize_fwd, "weight standardization -> (y, mean, rstd)");
   m.def("weight_standardize_bwd", &bitfast::weight_standardize_bwd, "weight standardization backward -> dw");
+  // weight_standardize_many
+  m.def("weight_standardize_many_fwd", &bitfast::weight_standardize_many_fwd,
+        "weight standardization of a list of weights -> (ys, mean, rstd), mean/rstd concatenated over rows");
+  m.def("weight_standardize_many_bwd", &bitfast::weight_standardize_many_bwd,
+        "weight standardization backward of a list of weights -> dws");
 }

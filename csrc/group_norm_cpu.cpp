@@ -60,14 +60,16 @@ inline int64_t rows_per_block(int64_t C, int64_t S) {
 }
 
 // ------------------------------------------------------------------------------------------------ NCHW
+// Moments of x[0:n] - x[0]: the shift keeps sums and running means small, so a large common offset loses no bits.
 template <typename T, typename A> Moments<A> row_moments(const T* x, int64_t n) {
+  const A x0 = static_cast<A>(x[0]);
   Moments<A> m;
   for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
     const int64_t L = std::min(kChunk, n - i0);
     const T* p = x + i0;
-    const A cm = lane_sum<A>(L, [&](int64_t i) { return static_cast<A>(p[i]); }) / static_cast<A>(L);
+    const A cm = lane_sum<A>(L, [&](int64_t i) { return static_cast<A>(p[i]) - x0; }) / static_cast<A>(L);
     const A q = lane_sum<A>(L, [&](int64_t i) {
-      const A d = static_cast<A>(p[i]) - cm;
+      const A d = static_cast<A>(p[i]) - x0 - cm;
       return d * d;
     });
     chan_merge(m, static_cast<A>(L), cm, q);
@@ -81,7 +83,7 @@ void fwd_nchw(const GNArgs& a, const T* x, const A* w, const A* b, T* y, A* mean
 #pragma omp parallel for schedule(static) if (a.N * a.C * S >= kParallelMin)
   for (int64_t ng = 0; ng < a.N * a.G; ++ng) {  // x[ng * M : (ng + 1) * M] is group g of sample n
     const Moments<A> m = row_moments<T, A>(x + ng * M, M);
-    const A mu = m.mean, rs = static_cast<A>(1.0 / std::sqrt(static_cast<double>(m.m2 / M) + a.eps));
+    const A mu = static_cast<A>(x[ng * M]) + m.mean, rs = static_cast<A>(1.0 / std::sqrt(static_cast<double>(m.m2 / M) + a.eps));
     mean[ng] = mu;
     rstd[ng] = rs;
     for (int64_t d = 0; d < D; ++d) {
@@ -160,20 +162,33 @@ void bwd_nchw(const GNArgs& a, const T* dy, const T* x, const A* w, const A* b, 
 }
 
 // ------------------------------------------------------------------------------------------------ NHWC
-// Per-channel Welford moments over the R rows of an (R, C) block; SIMD runs across channels.
+// Each loop below walks one tile of V channels down the rows of a block, holding the tile's per-channel state in
+// registers (SIMD across channels; a row's tile is one cache line). f(c0, V) for full tiles, then width-1 tiles.
+template <int V, typename F> inline void channel_tiles(int64_t C, F&& f) {
+  int64_t c0 = 0;
+  for (; c0 + V <= C; c0 += V) f(c0, std::integral_constant<int, V>());
+  for (; c0 < C; ++c0) f(c0, std::integral_constant<int, 1>());
+}
+
+// Per-channel moments of x - x0 over rows [0, R) of an (R, C) block, exact two-pass: a tile's R x 16 column stays
+// in L1/L2 between the passes. x0 is row 0 of the sample: the shift keeps the sums small, so a large common offset
+// loses no bits.
 template <typename T, typename A>
-void block_moments(const T* __restrict__ x, int64_t R, int64_t C, A* __restrict__ mean, A* __restrict__ m2) {
-  std::fill(mean, mean + C, A(0));
-  std::fill(m2, m2 + C, A(0));
-  for (int64_t r = 0; r < R; ++r) {
-    const T* __restrict__ row = x + r * C;
-    const A inv = A(1) / static_cast<A>(r + 1);
-    for (int64_t c = 0; c < C; ++c) {
-      const A v = static_cast<A>(row[c]), d = v - mean[c];
-      mean[c] += d * inv;
-      m2[c] += d * (v - mean[c]);
-    }
-  }
+void block_moments(const T* x, const T* x0, int64_t R, int64_t C, A* mean, A* m2) {
+  channel_tiles<16>(C, [&](int64_t c0, auto vv) {
+    constexpr int V = decltype(vv)::value;
+    A sh[V], mu[V] = {}, q[V] = {};
+    for (int j = 0; j < V; ++j) sh[j] = static_cast<A>(x0[c0 + j]);
+    for (int64_t r = 0; r < R; ++r)
+      for (int j = 0; j < V; ++j) mu[j] += static_cast<A>(x[r * C + c0 + j]) - sh[j];
+    for (int j = 0; j < V; ++j) mu[j] /= static_cast<A>(R);
+    for (int64_t r = 0; r < R; ++r)
+      for (int j = 0; j < V; ++j) {
+        const A d = static_cast<A>(x[r * C + c0 + j]) - sh[j] - mu[j];
+        q[j] += d * d;
+      }
+    for (int j = 0; j < V; ++j) mean[c0 + j] = mu[j], m2[c0 + j] = q[j];
+  });
 }
 
 template <bool Relu, typename T, typename A>
@@ -181,36 +196,41 @@ void fwd_nhwc(const GNArgs& a, const T* x, const A* w, const A* b, T* y, A* mean
   const int64_t N = a.N, C = a.C, S = a.S, G = a.G, D = C / G;
   const int64_t R = rows_per_block(C, S), B = (S + R - 1) / R;
   const bool par = N * C * S >= kParallelMin;
-  std::vector<A> pm(N * B * C), pq(N * B * C);  // (N, B, C): per-block channel mean and M2
+  std::vector<A> pm(N * B * C), pq(N * B * C);  // (N, B, C): per-block channel mean (of x - x0) and M2
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t t = 0; t < N * B; ++t) {
-    const int64_t s0 = (t % B) * R;
-    block_moments(x + ((t / B) * S + s0) * C, std::min(R, S - s0), C, &pm[t * C], &pq[t * C]);
+    const int64_t n = t / B, s0 = (t % B) * R;
+    block_moments(x + (n * S + s0) * C, x + n * S * C, std::min(R, S - s0), C, &pm[t * C], &pq[t * C]);
   }
   std::vector<A> mu(N * C), sc(N * C), sh(N * C);  // (N, C): group mean, scale, shift per channel
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t ng = 0; ng < N * G; ++ng) {
+    // Channel moments (blocks merged in order), then the group: channels hold S elements each, so the group mean
+    // is their plain average. Means are kept relative to ref = x[n, 0, c0] (x0[c] - ref is small).
     const int64_t n = ng / G, c0 = (ng % G) * D;
-    std::vector<Moments<A>> ch(D);  // channel moments: blocks merged in order
-    A gmean = 0;
+    const T* x0 = x + n * S * C;
+    const A ref = static_cast<A>(x0[c0]);
+    std::vector<Moments<A>> ch(D);
+    A gmean = 0;  // relative to ref
     for (int64_t d = 0; d < D; ++d) {
       for (int64_t blk = 0; blk < B; ++blk) {
         const int64_t i = (n * B + blk) * C + c0 + d;
         chan_merge(ch[d], static_cast<A>(std::min(R, S - blk * R)), pm[i], pq[i]);
       }
+      ch[d].mean += static_cast<A>(x0[c0 + d]) - ref;
       gmean += ch[d].mean;
     }
-    gmean /= static_cast<A>(D);  // channels hold S elements each: the group mean is their plain average
+    gmean /= static_cast<A>(D);
     A m2 = 0;
     for (int64_t d = 0; d < D; ++d) {
       const A dm = ch[d].mean - gmean;
       m2 += ch[d].m2 + static_cast<A>(S) * dm * dm;
     }
     const A rs = static_cast<A>(1.0 / std::sqrt(static_cast<double>(m2 / (D * S)) + a.eps));
+    gmean += ref;
     mean[ng] = gmean;
     rstd[ng] = rs;
-    for (int64_t d = 0; d < D; ++d) {
-      const int64_t c = c0 + d;
+    for (int64_t c = c0; c < c0 + D; ++c) {
       mu[n * C + c] = gmean;
       sc[n * C + c] = w ? rs * w[c] : rs;
       sh[n * C + c] = b ? b[c] : A(0);
@@ -219,18 +239,20 @@ void fwd_nhwc(const GNArgs& a, const T* x, const A* w, const A* b, T* y, A* mean
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t t = 0; t < N * B; ++t) {
     const int64_t n = t / B, s0 = (t % B) * R, s1 = std::min(S, s0 + R);
-    const A* __restrict__ m = &mu[n * C];
-    const A* __restrict__ k = &sc[n * C];
-    const A* __restrict__ h = &sh[n * C];
-    for (int64_t s = s0; s < s1; ++s) {
-      const T* __restrict__ xr = x + (n * S + s) * C;
-      T* __restrict__ yr = y + (n * S + s) * C;
-      for (int64_t c = 0; c < C; ++c) {
-        A z = (static_cast<A>(xr[c]) - m[c]) * k[c] + h[c];
-        if (Relu) z = z < A(0) ? A(0) : z;
-        yr[c] = static_cast<T>(z);
+    channel_tiles<16>(C, [&](int64_t c0, auto vv) {
+      constexpr int V = decltype(vv)::value;
+      A m[V], k[V], h[V];
+      for (int j = 0; j < V; ++j) m[j] = mu[n * C + c0 + j], k[j] = sc[n * C + c0 + j], h[j] = sh[n * C + c0 + j];
+      for (int64_t s = s0; s < s1; ++s) {
+        const T* xr = x + (n * S + s) * C + c0;
+        T* yr = y + (n * S + s) * C + c0;
+        for (int j = 0; j < V; ++j) {
+          A z = (static_cast<A>(xr[j]) - m[j]) * k[j] + h[j];
+          if (Relu) z = z < A(0) ? A(0) : z;
+          yr[j] = static_cast<T>(z);
+        }
       }
-    }
+    });
   }
 }
 
@@ -240,37 +262,36 @@ void bwd_nhwc(const GNArgs& a, const T* dy, const T* x, const A* w, const A* b, 
   const int64_t N = a.N, C = a.C, S = a.S, G = a.G, D = C / G;
   const int64_t R = rows_per_block(C, S), B = (S + R - 1) / R;
   const bool par = N * C * S >= kParallelMin;
-  std::vector<A> mu(N * C), p(N * C), sh(N * C);  // (N, C): group mean, rstd * w, bias
+  // (N, C) coefficients: dz = dy * [(x - mu) * p + h > 0],  dx = dz * p + (x - mu) * q + r.
+  std::vector<A> mu(N * C), p(N * C), h(N * C), q(N * C), r(N * C);
   for (int64_t nc = 0; nc < N * C; ++nc) {
     const int64_t c = nc % C, ng = (nc / C) * G + c / D;
     mu[nc] = mean[ng];
     p[nc] = w ? rstd[ng] * w[c] : rstd[ng];
-    sh[nc] = b ? b[c] : A(0);
+    h[nc] = b ? b[c] : A(0);
   }
   std::vector<A> p0(N * B * C), p1(N * B * C);  // (N, B, C): per-block sums of dz and dz * (x - mean)
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t t = 0; t < N * B; ++t) {
     const int64_t n = t / B, s0 = (t % B) * R, s1 = std::min(S, s0 + R);
-    A* __restrict__ a0 = &p0[t * C];
-    A* __restrict__ a1 = &p1[t * C];
-    const A* __restrict__ m = &mu[n * C];
-    const A* __restrict__ k = &p[n * C];
-    const A* __restrict__ h = &sh[n * C];
-    std::fill(a0, a0 + C, A(0));
-    std::fill(a1, a1 + C, A(0));
-    for (int64_t s = s0; s < s1; ++s) {
-      const T* __restrict__ xr = x + (n * S + s) * C;
-      const T* __restrict__ gr = dy + (n * S + s) * C;
-      for (int64_t c = 0; c < C; ++c) {
-        const A xm = static_cast<A>(xr[c]) - m[c];
-        A dz = static_cast<A>(gr[c]);
-        if (Relu) dz = xm * k[c] + h[c] <= A(0) ? A(0) : dz;
-        a0[c] += dz;
-        a1[c] += dz * xm;
+    channel_tiles<8>(C, [&](int64_t c0, auto vv) {
+      constexpr int V = decltype(vv)::value;
+      A m[V], k[V], hh[V], s_dz[V] = {}, s_dzxm[V] = {};
+      for (int j = 0; j < V; ++j) m[j] = mu[n * C + c0 + j], k[j] = p[n * C + c0 + j], hh[j] = h[n * C + c0 + j];
+      for (int64_t s = s0; s < s1; ++s) {
+        const T* xr = x + (n * S + s) * C + c0;
+        const T* gr = dy + (n * S + s) * C + c0;
+        for (int j = 0; j < V; ++j) {
+          const A xm = static_cast<A>(xr[j]) - m[j];
+          A dz = static_cast<A>(gr[j]);
+          if (Relu) dz = xm * k[j] + hh[j] <= A(0) ? A(0) : dz;
+          s_dz[j] += dz;
+          s_dzxm[j] += dz * xm;
+        }
       }
-    }
+      for (int j = 0; j < V; ++j) p0[t * C + c0 + j] = s_dz[j], p1[t * C + c0 + j] = s_dzxm[j];
+    });
   }
-  std::vector<A> q(N * G), r(N * G);  // (N, G): dx = dz * p + (x - mean) * q + r
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t ng = 0; ng < N * G; ++ng) {
     const int64_t n = ng / G, c0 = (ng % G) * D;
@@ -285,34 +306,30 @@ void bwd_nhwc(const GNArgs& a, const T* dy, const T* x, const A* w, const A* b, 
       gwxm += wc * t1;
     }
     const A rs = rstd[ng], M = static_cast<A>(D * S), c1 = gw / M, c2 = rs * gwxm / M;
-    q[ng] = -rs * rs * c2;
-    r[ng] = -rs * c1;
-  }
-  std::vector<A> qc(N * C), rc(N * C);
-  for (int64_t nc = 0; nc < N * C; ++nc) {
-    const int64_t ng = (nc / C) * G + (nc % C) / D;
-    qc[nc] = q[ng];
-    rc[nc] = r[ng];
+    for (int64_t c = c0; c < c0 + D; ++c) q[n * C + c] = -rs * rs * c2, r[n * C + c] = -rs * c1;
   }
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t t = 0; t < N * B; ++t) {
     const int64_t n = t / B, s0 = (t % B) * R, s1 = std::min(S, s0 + R);
-    const A* __restrict__ m = &mu[n * C];
-    const A* __restrict__ k = &p[n * C];
-    const A* __restrict__ h = &sh[n * C];
-    const A* __restrict__ qq = &qc[n * C];
-    const A* __restrict__ rr = &rc[n * C];
-    for (int64_t s = s0; s < s1; ++s) {
-      const T* __restrict__ xr = x + (n * S + s) * C;
-      const T* __restrict__ gr = dy + (n * S + s) * C;
-      T* __restrict__ dxr = dx + (n * S + s) * C;
-      for (int64_t c = 0; c < C; ++c) {
-        const A xm = static_cast<A>(xr[c]) - m[c];
-        A dz = static_cast<A>(gr[c]);
-        if (Relu) dz = xm * k[c] + h[c] <= A(0) ? A(0) : dz;
-        dxr[c] = static_cast<T>(dz * k[c] + xm * qq[c] + rr[c]);
+    channel_tiles<8>(C, [&](int64_t c0, auto vv) {
+      constexpr int V = decltype(vv)::value;
+      A m[V], k[V], hh[V], qq[V], rr[V];
+      for (int j = 0; j < V; ++j) {
+        const int64_t i = n * C + c0 + j;
+        m[j] = mu[i], k[j] = p[i], hh[j] = h[i], qq[j] = q[i], rr[j] = r[i];
       }
-    }
+      for (int64_t s = s0; s < s1; ++s) {
+        const T* xr = x + (n * S + s) * C + c0;
+        const T* gr = dy + (n * S + s) * C + c0;
+        T* dxr = dx + (n * S + s) * C + c0;
+        for (int j = 0; j < V; ++j) {
+          const A xm = static_cast<A>(xr[j]) - m[j];
+          A dz = static_cast<A>(gr[j]);
+          if (Relu) dz = xm * k[j] + hh[j] <= A(0) ? A(0) : dz;
+          dxr[j] = static_cast<T>(dz * k[j] + xm * qq[j] + rr[j]);
+        }
+      }
+    });
   }
 }
 

@@ -202,25 +202,28 @@ def test_channels_last_end_to_end():
         assert rel_err(p.grad, q.grad) < 1e-3, n
 
 
-def _skip_unless_usable(name):
-    why = _backend.usable_why(name, "cpu")
+def _skip_unless_usable(name, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible")
+    why = _backend.usable_why(name, device)
     if why is not None:
         pytest.skip(f"backend {name!r} unavailable: {why}")
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
-def test_identical_logits_across_backends(backend):
-    _skip_unless_usable(backend)
-    m = randomize(models.create("bit_tiny", num_classes=10), seed=4)
-    x = images(2, 48)
+@pytest.mark.parametrize("backend, device", [("torch", "cpu"), ("cpu", "cpu"), ("cuda", "cuda"), ("triton", "cuda")])
+def test_identical_logits_across_backends(backend, device):
+    _skip_unless_usable(backend, device)
+    m = randomize(models.create("bit_tiny", num_classes=10), seed=4).to(device)
+    x = images(2, 48).to(device)
     out = {}
-    for b in ("torch", backend):
-        m.zero_grad()
-        with bitfast.use_backend(b):
-            y = m(x)
-            y.square().sum().backward()
-        out[b] = (y.detach(), m.stem.conv.weight.grad.clone(), m.norm.weight.grad.clone())
-    _, y_ref = ref_logits(m, x, groups=8)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # fp32 means fp32 on a GPU too
+        for b in ("torch", backend):
+            m.zero_grad()
+            with bitfast.use_backend(b):
+                y = m(x)
+                y.square().sum().backward()
+            out[b] = (y.detach(), m.stem.conv.weight.grad.clone(), m.norm.weight.grad.clone())
+        _, y_ref = ref_logits(m, x, groups=8)
     assert rel_err(out[backend][0], y_ref) < 1e-4  # both against fp64, not only against each other
     for a, b in zip(out[backend], out["torch"]):
         assert rel_err(a, b) < 1e-4

@@ -83,7 +83,7 @@ def read_npz(path):
         with f:
             return {k: f[k] for k in f.files}
     except Exception as e:
-        raise ValueError(f"{path}: truncated or corrupt .npz ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path}: truncated, corrupt or pickled .npz member ({type(e).__name__}: {e})") from None
 
 
 def _fmt(keys, limit=12):
@@ -96,7 +96,7 @@ def _load_state(model, sd, source, strict, show=None):
     """Copy `sd` (bitfast keys, torch layout) into `model`; handles a head with another class count.
     `show` maps bitfast keys to the names the user's file uses, for messages."""
     show = show or {}
-    own = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    own = model.state_dict()
     head_reset = False
     hw, hb = sd.get("head.fc.weight"), sd.get("head.fc.bias")
     if hw is not None and hw.ndim == 4 and hw.shape[1:] == own["head.fc.weight"].shape[1:] \
@@ -104,11 +104,10 @@ def _load_state(model, sd, source, strict, show=None):
         log.warning("%s: head has %d classes, model has %d: head.fc zero-initialized instead of loaded",
                     source, hw.shape[0], own["head.fc.weight"].shape[0])
         sd = {k: v for k, v in sd.items() if not k.startswith("head.fc.")}
-        model._init_head(zero=True)
         own = {k: v for k, v in own.items() if not k.startswith("head.fc.")}
         head_reset = True
-    missing = [show.get(k, k) for k in own if k not in sd]
-    unexpected = [show.get(k, k) for k in sd if k not in own and not k.endswith("num_batches_tracked")]
+    missing = [show.get(k, k) for k in own if k not in sd and not k.endswith("num_batches_tracked")]  # npz lacks it
+    unexpected = [show.get(k, k) for k in sd if k not in own]
     mismatched = [f"{show.get(k, k)}: {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in sd.items() if k in own and v.shape != own[k].shape]
     report = LoadReport(missing, unexpected, mismatched, head_reset)
@@ -118,9 +117,11 @@ def _load_state(model, sd, source, strict, show=None):
         raise ValueError(f"{source}: does not fit this model; " + "; ".join(problems))
     if problems:
         log.warning("%s: loaded with problems; %s", source, "; ".join(problems))
+    if head_reset:
+        model._init_head(zero=True)
     with torch.no_grad():
-        for k, t in model.state_dict().items():
-            if k in sd and k in own and sd[k].shape == t.shape:
+        for k, t in own.items():
+            if k in sd and sd[k].shape == t.shape:
                 t.copy_(sd[k])
     return report
 
@@ -224,9 +225,7 @@ def load(path, map_location="cpu"):
     obj = _torch_load(path, map_location)
     if not (isinstance(obj, dict) and obj.get("format") == _FORMAT):
         raise ValueError(f"{path}: not a bitfast native checkpoint (use load_npz / from_timm_state_dict)")
-    cfg = dict(obj["config"])
-    cfg["zero_head"] = True  # init only; the weights below overwrite it
-    model = ResNetV2(**cfg)
+    model = ResNetV2(**obj["config"])
     _load_state(model, obj["state_dict"], path, strict=True)
     return model
 

@@ -14,6 +14,7 @@ norm, head.fc), so timm state_dicts load without renaming.
 (Tables 4/5) with identical topology and parameter count.
 """
 import fnmatch
+import numbers
 from collections import OrderedDict
 from typing import NamedTuple
 
@@ -153,7 +154,7 @@ class ResNetV2(nn.Module):
         if width <= 0 or (64 * width) != int(64 * width):
             raise ValueError(f"width must make 64*width a positive integer, got {width}")
         for arg, v in (("num_classes", num_classes), ("in_chans", in_chans), ("groups", groups)):
-            if int(v) != v or v < 1:
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{arg} must be a positive int, got {v!r}")
         c0 = int(64 * width)
         if norm == "gn" and c0 % groups:

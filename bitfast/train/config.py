@@ -4,6 +4,7 @@
 about the data and the world size into a `Recipe` with every value fixed, and a reason for each.
 """
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -63,22 +64,22 @@ CHOICES = dict(mode=("transfer", "upstream"), precision=("fp32", "bf16", "fp16")
 
 
 def _coerce(name, typ, text):
-    """Parse `text` as the field's type (str, int, float, bool, or Optional of those)."""
-    typ = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
-    if "None" in typ or "Optional" in typ:
-        if text.lower() in ("none", "null", ""):
-            return None
-        typ = typ.replace("Optional[", "").rstrip("]")
+    """Parse `text` as the field's type: str, int, float, bool, or Optional of one of them."""
+    args = [t for t in typing.get_args(typ) if t is not type(None)]
+    optional = bool(args)
+    base = args[0] if args else typ
+    if optional and text.lower() in ("none", "null", ""):
+        return None
     try:
-        if typ == "bool":
+        if base is bool:
             if text.lower() in ("1", "true", "yes", "on"):
                 return True
             if text.lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError
-        return {"int": int, "float": float}.get(typ, str)(text)
+        return base(text)
     except ValueError:
-        raise ValueError(f"override {name}={text!r}: expected {typ}") from None
+        raise ValueError(f"override {name}={text!r}: expected {base.__name__}") from None
 
 
 def apply_overrides(cfg, items):
@@ -236,5 +237,5 @@ def describe(recipe):
         ("random crop", str(r.random_crop), "random_crop"),
     ]
     lines = [f"{r.mode} recipe:"]
-    lines += [f"  {k:<13}{v:<44}" + (f"<- {r.why[w]}" if w in r.why else "") for k, v, w in rows]
+    lines += [f"  {k:<13}{v}" + (f"   [{r.why[w]}]" if w in r.why else "") for k, v, w in rows]
     return "\n".join(lines)

@@ -11,7 +11,7 @@ class Metrics:
         if resume_step is None:
             open(self.path, "w").close()
         else:
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step and not r.get("final")]
             with open(self.path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
         self.tb = None

@@ -1,0 +1,327 @@
+"""The training loop: one function, `train(cfg)`, for transfer and upstream, one process or many (torchrun).
+
+Per optimizer step s (0-based = steps already done):
+    lr = lr_at(s); this rank's slice of the global batch -> `rank_split` micro-batches (DDP syncs on the last);
+    loss = sum over micro-batches of CE(micro) / rank_batch (so the gradient equals the full batch's);
+    one all-reduce of [loss, n, non-finite, stop] -> NaN/inf: checkpoint + NonFiniteLoss; else SGD step.
+Randomness is a function of (seed, step, position): data order and crops (data.StreamSampler), the MixUp lambda
+(one per global step, same on every rank) and pairing (a permutation per rank). A checkpoint at step s therefore
+resumes to the same weights, bit for bit on CPU fp32 with the same world size.
+"""
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bitfast.train import checkpoint as ck
+from bitfast.train import config as C
+from bitfast.train import data as D
+from bitfast.train import dist, report
+from bitfast.train.hyperrule import lr_at
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class StopSignal:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the step and returns. A second SIGINT
+    raises KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.signum, self._prev = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._prev[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._prev.items():
+            signal.signal(s, h)
+
+
+def build_model(cfg, num_classes):
+    from bitfast import models
+    torch.manual_seed(cfg.seed)
+    model = models.create(cfg.model, num_classes=num_classes, weights=cfg.weights, norm=cfg.norm, conv=cfg.conv,
+                          zero_head=cfg.mode == "transfer")
+    if cfg.mode == "transfer" and cfg.weights:
+        model.reset_head(num_classes, zero=True)  # BiT transfer always starts from a new zero head
+    return model
+
+
+def to_input(x, device, channels_last):  # uint8 (N, 3, H, W) -> float32 in [-1, 1]
+    x = x.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def mixup_lambda(seed, step, alpha):
+    """One lambda per global batch: a function of (seed, step) only, so every rank draws the same one."""
+    return 1.0 if alpha <= 0 else float(np.random.default_rng([seed, step, 0x41]).beta(alpha, alpha))
+
+
+def mixup_perm(seed, step, rank, n):
+    """MixUp partners: a permutation of this rank's batch, a function of (seed, step, rank)."""
+    s = int(np.random.SeedSequence([seed, step, rank, 0x9E]).generate_state(1, np.uint64)[0]) >> 1
+    return torch.randperm(n, generator=torch.Generator().manual_seed(s))
+
+
+def loss_sum(logits, y, kind):  # (N, K), (N,) -> summed loss, fp32
+    logits = logits.float()
+    if kind == "sigmoid":
+        return F.binary_cross_entropy_with_logits(logits, F.one_hot(y, logits.shape[1]).float(), reduction="sum")
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
+def forward_backward(S, x, y, step):
+    """Accumulate the gradient of the mean loss over this rank's batch; returns (loss_sum, n)."""
+    cfg, r, dev = S.cfg, S.recipe, S.world.device
+    weight = 1.0
+    if x is None:  # every image of this slice was unreadable: a zero-weight pass keeps DDP in step
+        x, y, weight = torch.zeros(1, 3, r.crop, r.crop, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), 0.0
+    n, y = len(y), y.to(dev)
+    lam = mixup_lambda(cfg.seed, step, r.mixup)
+    perm = mixup_perm(cfg.seed, step, S.world.rank, n) if lam < 1.0 else None
+    chunks = torch.arange(n).tensor_split(min(r.rank_split, n))
+    total = torch.zeros((), device=dev)
+    for i, idx in enumerate(chunks):
+        sync = not S.world.distributed or i == len(chunks) - 1
+        with contextlib.nullcontext() if sync else S.ddp.no_sync():
+            xi = to_input(x[idx], dev, cfg.channels_last)
+            if perm is not None:  # MixUp: pairs by permutation, same lambda for every micro-batch
+                xi = lam * xi + (1 - lam) * to_input(x[perm[idx]], dev, cfg.channels_last)
+            with S.autocast():
+                logits = S.fwd(xi)
+            loss = loss_sum(logits, y[idx], cfg.loss)
+            if perm is not None:
+                loss = lam * loss + (1 - lam) * loss_sum(logits, y[perm[idx].to(dev)], cfg.loss)
+            loss = loss * (weight / n)
+            (S.scaler.scale(loss) if S.scaler else loss).backward()
+        total += loss.detach()
+    return float(total) * n, n * weight
+
+
+@torch.no_grad()
+def evaluate(S):
+    """Top-1/top-5/loss over the whole eval set; each rank takes items r, r+W, ... (exact, no padding)."""
+    S.model.eval()
+    batches = D.eval_batches(len(S.eval_src), 2 * S.recipe.micro_batch, S.world.rank, S.world.size)
+    k = min(5, S.recipe.num_classes)
+    c1 = c5 = tot = n = 0.0
+    for x, y, bad in D.loader(D.View(S.eval_src, S.recipe), batches, S.workers, S.pin):
+        S.bad.update(bad)
+        if x is None:
+            continue
+        y = y.to(S.world.device)
+        with S.autocast():
+            logits = S.model(to_input(x, S.world.device, S.cfg.channels_last)).float()
+        top = logits.topk(k, dim=1).indices
+        c1 += float((top[:, 0] == y).sum())
+        c5 += float((top == y[:, None]).any(1).sum())
+        tot += float(loss_sum(logits, y, S.cfg.loss))
+        n += len(y)
+    c1, c5, tot, n = dist.all_sum(S.world, [c1, c5, tot, n])
+    S.model.train()
+    return dict(top1=c1 / max(n, 1), top5=c5 / max(n, 1), loss=tot / max(n, 1), images=int(n))
+
+
+def save(S, step, name="last.pt"):
+    if S.world.main:
+        ck.save_atomic({"format": ck.FORMAT, "step": step, "model": S.model.state_dict(),
+                        "optimizer": S.opt.state_dict(), "scaler": S.scaler.state_dict() if S.scaler else None,
+                        "rng": ck.rng_state(), "sampler": {"step": step, "seed": S.cfg.seed, "batch": S.recipe.batch,
+                                                          "indices": torch.from_numpy(S.indices)},
+                        "config": dataclasses.asdict(S.cfg), "recipe": dataclasses.asdict(S.recipe),
+                        "bad_images": sorted(S.bad), "wall_s": S.wall_before + time.time() - S.t_start,
+                        "train_images": S.images_before + S.images}, os.path.join(S.cfg.out, name))
+    dist.barrier(S.world)
+
+
+def resume_point(S):
+    """Load <out>/last.pt (or cfg.resume) if present; returns the step to start from."""
+    path = S.cfg.resume or os.path.join(S.cfg.out, "last.pt")
+    if not os.path.exists(path):
+        if S.cfg.resume:
+            raise FileNotFoundError(f"resume: no checkpoint at {path}")
+        return 0
+    state = ck.load(path, "cpu")  # RNG states must stay on the CPU; load_state_dict moves the rest
+    bad = ck.config_mismatch(state["config"], dataclasses.asdict(S.cfg))
+    if bad:
+        diff = ", ".join(f"{k}: {state['config'].get(k)!r} -> {getattr(S.cfg, k)!r}" for k in bad)
+        raise ValueError(f"resume: {path} was written with different settings ({diff}); "
+                         "use a new --out, or the original settings")
+    if not np.array_equal(state["sampler"]["indices"].numpy(), S.indices):
+        raise ValueError(f"resume: the training examples differ from those in {path} (did the data change?)")
+    S.model.load_state_dict(state["model"])
+    S.opt.load_state_dict(state["optimizer"])
+    if S.scaler and state["scaler"]:
+        S.scaler.load_state_dict(state["scaler"])
+    ck.set_rng_state(state["rng"])
+    S.bad.update(state["bad_images"])
+    S.wall_before, S.images_before = state["wall_s"], state["train_images"]
+    S.log(f"resuming from {path} at step {state['step']}")
+    return int(state["step"])
+
+
+def setup(cfg, world, model=None):
+    S = type("Run", (), {})()  # a plain bag of run state; cleared at the end so DDP dies before the group
+    S.cfg, S.world, S.bad, S.images, S.wall_before, S.images_before = cfg, world, set(), 0, 0.0, 0
+    S.log = print if world.main else (lambda *a, **k: None)
+    train_src, S.eval_src = D.open_data(cfg.data)
+    S.indices = D.fewshot_indices(train_src.labels, cfg.examples_per_class, cfg.seed)
+    S.recipe = C.resolve(cfg, len(S.indices), train_src.image_hw(), len(train_src.classes), world.size)
+    S.train_src = train_src
+    S.workers = cfg.workers if cfg.workers is not None else (
+        0 if train_src.in_memory else min(8, max(1, (os.cpu_count() or 1) // max(1, torch.cuda.device_count()))))
+    S.pin = world.device.type == "cuda"
+    S.model = (model if model is not None else build_model(cfg, S.recipe.num_classes)).to(world.device)
+    if cfg.channels_last:
+        S.model = S.model.to(memory_format=torch.channels_last)
+    if cfg.precision == "fp16" and world.device.type != "cuda":
+        raise ValueError("precision='fp16' needs a CUDA device; use bf16 on the CPU")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    S.autocast = (lambda: torch.autocast(world.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    S.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+    S.ddp = S.model
+    if world.distributed:
+        S.ddp = torch.nn.parallel.DistributedDataParallel(
+            S.model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+    S.fwd = torch.compile(S.ddp) if cfg.compile else S.ddp
+    S.opt = torch.optim.SGD(S.model.parameters(), lr=S.recipe.lr, momentum=0.9, weight_decay=S.recipe.weight_decay)
+    return S
+
+
+def train(cfg, model=None):
+    """Run `cfg` to the end (or to a stop); returns the summary dict. `model` overrides the zoo model (tests)."""
+    cfg = C.validate(cfg)
+    world = dist.init(cfg.device)
+    S = None
+    try:
+        backend = contextlib.nullcontext()
+        if cfg.backend:
+            import bitfast
+            backend = bitfast.use_backend(cfg.backend)
+        with backend, StopSignal() as stop:
+            S = setup(cfg, world, model)
+            return _run(S, stop)
+    finally:
+        if S is not None:
+            S.__dict__.clear()
+        dist.shutdown(world)
+
+
+def _run(S, stop):
+    cfg, r, world = S.cfg, S.recipe, S.world
+    if world.main:
+        os.makedirs(cfg.out, exist_ok=True)
+    start = resume_point(S)
+    if world.main:
+        S.log(C.describe(r))
+        S.log(f"data: {S.train_src.name} ({len(S.indices):,} used) -> eval {S.eval_src.name} ({len(S.eval_src):,}); "
+              f"device {world.device}, world {world.size}, model {cfg.model} "
+              f"({sum(p.numel() for p in S.model.parameters()) / 1e6:.2f}M params)")
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump({"config": dataclasses.asdict(cfg), "recipe": dataclasses.asdict(r)}, f, indent=1)
+    metrics = report.Metrics(cfg.out, start if start else None) if world.main else None
+    total, end_this_run = r.steps, r.steps if cfg.stop_after is None else min(r.steps, start + cfg.stop_after)
+    eval_every = cfg.eval_every if cfg.eval_every is not None else max(1, total // 5)
+    ckpt_every = cfg.ckpt_every if cfg.ckpt_every is not None else max(1, math.ceil(total / 10))
+    sampler = D.StreamSampler(S.indices, r.batch, world.rank, world.size, cfg.seed, start, end_this_run)
+    bar = None
+    if world.main and cfg.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, initial=start, desc=cfg.mode, unit="step", dynamic_ncols=True)
+    S.t_start = time.time()
+    train_time, window, win_loss, win_n, win_t, step = 0.0, 0, 0.0, 0.0, time.time(), start
+    for x, y, bad in D.loader(D.View(S.train_src, r, upstream=cfg.mode == "upstream"), sampler, S.workers, S.pin):
+        t0, lr = time.time(), lr_at(step, r.supports, r.lr)
+        S.bad.update(bad)
+        for g in S.opt.param_groups:
+            g["lr"] = lr
+        loss, n = forward_backward(S, x, y, step)
+        loss, n, nonfinite, stopping = dist.all_sum(world, [loss if math.isfinite(loss) else 0.0, n,
+                                                            float(not math.isfinite(loss)), float(stop.signum is not None)])
+        if nonfinite:
+            save(S, step)
+            raise NonFiniteLoss(f"loss is not finite (nan/inf) at step {step} (lr {lr:.3g}); stopped without applying "
+                                f"it. Last good checkpoint: {os.path.join(cfg.out, 'last.pt')} (step {step}). "
+                                "Try a lower --lr, --precision fp32, or check the data.")
+        if S.scaler:
+            S.scaler.step(S.opt)
+            S.scaler.update()
+        else:
+            S.opt.step()
+        S.opt.zero_grad(set_to_none=True)
+        step += 1
+        S.images += int(n)
+        train_time += time.time() - t0
+        window, win_loss, win_n = window + 1, win_loss + loss, win_n + n
+        if world.main and (step % cfg.log_every == 0 or step == end_this_run):
+            ips = win_n / max(time.time() - win_t, 1e-9)
+            metrics.write("train", step, loss=win_loss / max(win_n, 1), lr=lr, img_s=ips)
+            if bar:
+                bar.set_postfix(loss=f"{win_loss / max(win_n, 1):.4f}", lr=f"{lr:.2g}", img_s=f"{ips:.0f}")
+            window, win_loss, win_n, win_t = 0, 0.0, 0.0, time.time()
+        if bar:
+            bar.update(1)
+        for b in bad:
+            (bar.write if bar else S.log)(f"warning: skipped unreadable image {b}")
+        if stopping or step == end_this_run or step % ckpt_every == 0:
+            save(S, step)
+        if stopping:
+            why = signal.Signals(stop.signum).name if stop.signum else "a signal on another rank"
+            S.log(f"\nstopped by {why} at step {step}; checkpoint saved in {cfg.out}; run the same command to resume")
+            return dict(stopped=why, step=step)
+        if step < total and eval_every and step % eval_every == 0:
+            ev = evaluate(S)
+            if world.main:
+                metrics.write("eval", step, **ev)
+            win_t = time.time()
+    if bar:
+        bar.close()
+    if step < total:
+        S.log(f"stopped after {step - start} steps (stop_after); checkpoint saved in {cfg.out}")
+        return dict(stopped="stop_after", step=step)
+    return finish(S, metrics, start, train_time)
+
+
+def finish(S, metrics, start, train_time):
+    ev = evaluate(S)
+    bad = sorted(set().union(*dist.all_gather_objects(S.world, S.bad)))
+    if not S.world.main:
+        return dict(ev, step=S.recipe.steps)
+    metrics.write("eval", S.recipe.steps, final=True, **ev)
+    metrics.close()
+    from bitfast import models
+    saved = ["last.pt", "metrics.jsonl", "summary.json"]
+    if hasattr(S.model, "config"):  # a zoo model: loadable with bitfast.models.load or --weights
+        models.save(S.model, os.path.join(S.cfg.out, "model.pt"))
+        saved.insert(0, "model.pt")
+    wall = S.wall_before + time.time() - S.t_start
+    trained = S.recipe.steps - start
+    summary = dict(top1=ev["top1"], top5=ev["top5"], eval_loss=ev["loss"], eval_images=ev["images"],
+                   steps=S.recipe.steps, wall_s=wall, img_per_s=S.images / train_time if trained else 0.0,
+                   skipped_images=bad, out=S.cfg.out)
+    with open(os.path.join(S.cfg.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    png, why = report.plot(metrics.path, os.path.join(S.cfg.out, "plot.png"), f"{S.cfg.model} {S.cfg.mode}")
+    S.log(report.summary_text(summary))
+    S.log(f"outputs in {S.cfg.out}: {', '.join(saved + (['plot.png'] if png else []))}")
+    if why:
+        S.log(why)
+    return summary
