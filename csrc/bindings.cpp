@@ -218,7 +218,7 @@ at::Tensor weight_standardize_bwd(const at::Tensor& dy, const at::Tensor& w, con
 
 struct WSMany {
   std::vector<WSItem> items;
-  int64_t rows = 0, max_K = 0;
+  int64_t rows = 0;
 };
 
 WSMany ws_many_items(const std::vector<at::Tensor>& ws) {
@@ -232,7 +232,6 @@ WSMany ws_many_items(const std::vector<at::Tensor>& ws) {
     const WSArgs a = ws_args(w, 0.0);
     if (w.numel() > 0) m.items.push_back({w.data_ptr(), nullptr, nullptr, a.O, a.K, m.rows});
     m.rows += a.O;
-    m.max_K = std::max(m.max_K, a.K);
   }
   return m;
 }
@@ -268,7 +267,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> weight_standardize_m
     c10::cuda::CUDAGuard guard(w0.device());
     at::Tensor table = device_items(m.items, w0);
     check_status(weight_standardize_many_fwd_cuda(in, out, static_cast<const WSItem*>(table.data_ptr()), n,
-                                                  m.rows, m.max_K, eps, mean.data_ptr(), rstd.data_ptr(),
+                                                  m.rows, eps, mean.data_ptr(), rstd.data_ptr(),
                                                   current_stream()),
                  "weight_standardize_many_fwd_cuda");
 #endif
@@ -311,7 +310,7 @@ std::vector<at::Tensor> weight_standardize_many_bwd(const std::vector<at::Tensor
     c10::cuda::CUDAGuard guard(w0.device());
     at::Tensor table = device_items(m.items, w0);
     check_status(weight_standardize_many_bwd_cuda(in, out, static_cast<const WSItem*>(table.data_ptr()), n,
-                                                  m.rows, m.max_K, mean.data_ptr(), rstd.data_ptr(),
+                                                  m.rows, mean.data_ptr(), rstd.data_ptr(),
                                                   current_stream()),
                  "weight_standardize_many_bwd_cuda");
 #endif

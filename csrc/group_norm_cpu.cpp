@@ -9,9 +9,10 @@
 //   dx = dz * (rstd * w[c]) + (x - mean) * (-rstd^2 c2) - rstd c1
 // Layouts: NCHW (x is (N, C, S)): one task per (n, g), whose C/G * S elements are contiguous; the pieces are
 // kChunk-element chunks, each two-pass while it sits in L1. NHWC (x is (N, S, C)): tasks are (n, block of rows);
-// each keeps per-channel Welford moments (SIMD across channels), blocks merge in a fixed order, then the channels of
-// a group merge into the group. Sums use kLanes independent partials: SIMD without -ffast-math, and the summation
-// order is fixed by the shape alone, so results are bit-identical run to run and across thread counts.
+// each block gives per-channel two-pass moments (SIMD across a tile of channels), blocks merge per channel in a
+// fixed order, then the channels of a group merge into the group. Sums run on x - (a nearby element of x), so a
+// large common offset (x = 1000 + noise) loses no bits. Lanes/tiles give SIMD without -ffast-math, and every
+// summation order is fixed by the shape alone: results are bit-identical run to run and across thread counts.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 

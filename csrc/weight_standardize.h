@@ -45,11 +45,11 @@ void weight_standardize_many_bwd_cpu(DType in, DType out, const WSItem* items, i
                                      const void* rstd);
 
 #ifdef BITFAST_WITH_CUDA
-// items: device pointer to n WSItem sorted by row0 (row0 of item 0 is 0); rows = sum of O; max_K = max of K.
+// items: device pointer to n WSItem sorted by row0 (row0 of item 0 is 0); rows = sum of O.
 Status weight_standardize_many_fwd_cuda(DType in, DType out, const WSItem* items, int64_t n, int64_t rows,
-                                        int64_t max_K, double eps, void* mean, void* rstd, void* stream);
+                                        double eps, void* mean, void* rstd, void* stream);
 Status weight_standardize_many_bwd_cuda(DType in, DType out, const WSItem* items, int64_t n, int64_t rows,
-                                        int64_t max_K, const void* mean, const void* rstd, void* stream);
+                                        const void* mean, const void* rstd, void* stream);
 #endif
 
 }  // namespace bitfast

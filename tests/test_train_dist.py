@@ -8,7 +8,10 @@ import textwrap
 import pytest
 import torch
 
-from test_train_data import make_folder
+try:
+    from test_train_data import make_folder
+except ImportError:  # tests/ as a package
+    from tests.test_train_data import make_folder
 
 SCRIPT = textwrap.dedent("""
     import json, sys, torch, torch.nn as nn
@@ -19,7 +22,7 @@ SCRIPT = textwrap.dedent("""
     cfg = make_config("transfer", data=sys.argv[1], out=sys.argv[2], batch=8, batch_split=2, steps=6,
                       resolution="12,10", eval_every=3, ckpt_every=2, progress=False, lr=0.05)
     summary = train(cfg, model=model)
-    import torch.distributed as dist, os
+    import os
     if os.environ.get("RANK", "0") == "0":
         json.dump(summary, open(sys.argv[2] + "/result.json", "w"))
 """)
@@ -49,8 +52,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     assert w2["recipe"]["rank_batch"] == 4 and w2["recipe"]["world_size"] == 2 and w1["recipe"]["rank_split"] == 2
     for k, v in w1["model"].items():
         torch.testing.assert_close(w2["model"][k], v, rtol=1e-4, atol=1e-6)
-    assert any((w1["model"][k] != w2["model"][k]).any() for k in w1["model"]) or True  # sums differ in order
     steps = [json.loads(line)["step"] for line in open(tmp_path / "two" / "metrics.jsonl")]
-    assert steps == sorted(steps) and len(steps) == len(set((s, k) for s, k in enumerate(steps)))
+    assert steps == sorted(steps)
     kinds = [(json.loads(line)["kind"], json.loads(line)["step"]) for line in open(tmp_path / "two" / "metrics.jsonl")]
     assert len(kinds) == len(set(kinds))  # rank 0 alone writes: no duplicated lines

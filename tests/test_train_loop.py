@@ -171,7 +171,10 @@ def test_resume_with_different_settings_is_refused(reference, tmp_path):
 
 
 def test_corrupt_images_do_not_stop_a_run(tmp_path):
-    from test_train_data import corrupt, make_folder
+    try:
+        from test_train_data import corrupt, make_folder
+    except ImportError:
+        from tests.test_train_data import corrupt, make_folder
     root = make_folder(str(tmp_path / "data"))
     bad = corrupt(root)
     cfg = C.make_config("transfer", data=root, batch=8, steps=6, resolution="12,10", out=str(tmp_path / "run"),
