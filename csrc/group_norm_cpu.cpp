@@ -1,18 +1,20 @@
 // GroupNorm(+ReLU) on the CPU (C++17 + OpenMP). The CUDA kernels in group_norm.cu follow the same algorithm.
 // Per (n, g) over M = C/G * S elements, in the acc type A (float; double for f64 storage):
-//   mean, M2 = sum (x - mean)^2  by Chan merges of exact small pieces (never E[x^2] - E[x]^2),
+//   mean, M2 = sum (x - mean)^2  by Chan merges of exact two-pass pieces (never E[x^2] - E[x]^2),
 //   rstd = 1 / sqrt(M2 / M + eps),   z = (x - mean) * (rstd * w[c]) + b[c],   y = relu(z) or z.
-// Backward, with dz = dy masked by z > 0 (z recomputed from x, never stored) and sums per (n, c) over S:
-//   sdz[n,c] = sum dz,  sdzxm[n,c] = sum dz * (x - mean)
-//   dbias[c] = sum_n sdz,  dweight[c] = sum_n rstd * sdzxm       (fixed order over n: deterministic)
-//   c1 = sum_c w sdz / M,  c2 = rstd * sum_c w sdzxm / M
+// Backward, with dz = dy masked by z > 0 (z recomputed from x exactly as forward did, never stored), sums per (n, c):
+//   sdz[n,c] = sum_s dz,  sdzxm[n,c] = sum_s dz * (x - mean)
+//   dbias[c] = sum_n sdz,  dweight[c] = sum_n rstd * sdzxm       (n in increasing order: deterministic)
+//   c1 = sum_{c in g} w sdz / M,  c2 = rstd * sum_{c in g} w sdzxm / M
 //   dx = dz * (rstd * w[c]) + (x - mean) * (-rstd^2 c2) - rstd c1
-// Layouts: NCHW (x is (N, C, S)): one task per (n, g), whose C/G * S elements are contiguous; the pieces are
-// kChunk-element chunks, each two-pass while it sits in L1. NHWC (x is (N, S, C)): tasks are (n, block of rows);
-// each block gives per-channel two-pass moments (SIMD across a tile of channels), blocks merge per channel in a
-// fixed order, then the channels of a group merge into the group. Sums run on x - (a nearby element of x), so a
-// large common offset (x = 1000 + noise) loses no bits. Lanes/tiles give SIMD without -ffast-math, and every
-// summation order is fixed by the shape alone: results are bit-identical run to run and across thread counts.
+// Layouts. NCHW, x is (N, C, S): one task per (n, g), whose C/G * S elements are contiguous and small enough to stay
+// in L2 between the stats pass and the output pass; the pieces are kChunk-element chunks, two-pass while in L1.
+// NHWC, x is (N, S, C): tasks are (n, block of R rows); a block gives per-channel two-pass moments (SIMD across
+// channels), blocks merge per channel in a fixed order, then a group's channels merge into the group. Samples are
+// processed a cache-sized chunk at a time, so the output pass re-reads x (and dy) from cache, not DRAM.
+// Sums run on x - (an element of the same sample), so a large common offset (x = 1000 + noise) loses no bits.
+// Every summation order is fixed by the shape alone: bit-identical results run to run, for any thread count and for
+// both the AVX2 and the baseline clone of a task function (no FMA contraction: -std=c++17 implies -ffp-contract=off).
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -23,19 +25,30 @@
 
 #include "group_norm.h"
 
+// Hot task functions get an AVX2 clone picked at load time (ifunc); other targets use the baseline build.
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define BITFAST_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define BITFAST_CLONES
+#endif
+#define BITFAST_SIMD _Pragma("omp simd")
+
 namespace bitfast {
 namespace {
 
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
 
-constexpr int kLanes = 16;
-constexpr int64_t kChunk = 4096;          // NCHW: elements per exact two-pass piece (16 KiB of fp32: stays in L1)
-constexpr int64_t kBlockElems = 1 << 15;  // NHWC: about this many elements per (n, row block) task
-constexpr int64_t kMinRows = 64;          // NHWC: at least this many rows per block (bounds the partials' size)
-constexpr int64_t kParallelMin = 1 << 14; // fewer elements than this stay on one thread
+constexpr int kLanes = 16;                 // independent partial sums: SIMD without reassociating
+constexpr int64_t kChunk = 4096;           // NCHW: elements per exact two-pass piece (16 KiB of fp32: L1)
+constexpr int64_t kBlockElems = 1 << 15;   // NHWC: about this many elements per (n, row block) task
+constexpr int64_t kMinRows = 64;           // NHWC: at least this many rows per block (bounds the partials' size)
+constexpr int64_t kCacheElems = 1 << 19;   // NHWC: elements per sample chunk (x and dy of a chunk stay in cache)
+constexpr int64_t kParallelMin = 1 << 14;  // fewer elements than this stay on one thread
 
-// Running (count, mean, M2) of a set; chan_merge adds a piece of nb elements with mean mb and M2 qb.
+template <typename T, typename A> inline A ld(const T* p, int64_t i) { return static_cast<A>(p[i]); }
+
+// Running (count, mean, M2); chan_merge adds a piece of nb elements with mean mb and M2 qb.
 template <typename A> struct Moments { A n = 0, mean = 0, m2 = 0; };
 template <typename A> inline void chan_merge(Moments<A>& m, A nb, A mb, A qb) {
   const A n = m.n + nb, d = mb - m.mean, f = nb / n;
@@ -44,7 +57,11 @@ template <typename A> inline void chan_merge(Moments<A>& m, A nb, A mb, A qb) {
   m.n = n;
 }
 
-// sum_{i < n} f(i) with kLanes independent partials (vectorises; order fixed by n).
+template <typename A> inline A rsqrt_var(A m2, int64_t count, double eps) {
+  return static_cast<A>(1.0 / std::sqrt(static_cast<double>(m2 / static_cast<A>(count)) + eps));
+}
+
+// sum_{i < n} f(i) with kLanes independent partials (vectorises; the order depends on n only).
 template <typename A, typename F> inline A lane_sum(int64_t n, F f) {
   A acc[kLanes] = {};
   int64_t i = 0;
@@ -56,281 +73,290 @@ template <typename A, typename F> inline A lane_sum(int64_t n, F f) {
   return s;
 }
 
-inline int64_t rows_per_block(int64_t C, int64_t S) {
-  return std::min(S, std::max(kMinRows, kBlockElems / std::max<int64_t>(C, 1)));
-}
-
 // ------------------------------------------------------------------------------------------------ NCHW
-// Moments of x[0:n] - x[0]: the shift keeps sums and running means small, so a large common offset loses no bits.
-template <typename T, typename A> Moments<A> row_moments(const T* x, int64_t n) {
-  const A x0 = static_cast<A>(x[0]);
+// One (n, g): x, y hold D channel rows of S elements; w, b point at the group's first channel (or are null).
+template <bool Relu, typename T, typename A>
+BITFAST_CLONES void fwd_group(const T* x, T* y, int64_t D, int64_t S, const A* w, const A* b, double eps, A* mean,
+                              A* rstd) {
+  const int64_t M = D * S;
+  const A x0 = ld<T, A>(x, 0);  // shift
   Moments<A> m;
-  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
-    const int64_t L = std::min(kChunk, n - i0);
+  for (int64_t i0 = 0; i0 < M; i0 += kChunk) {
+    const int64_t L = std::min(kChunk, M - i0);
     const T* p = x + i0;
-    const A cm = lane_sum<A>(L, [&](int64_t i) { return static_cast<A>(p[i]) - x0; }) / static_cast<A>(L);
+    const A cm = lane_sum<A>(L, [&](int64_t i) { return ld<T, A>(p, i) - x0; }) / static_cast<A>(L);
     const A q = lane_sum<A>(L, [&](int64_t i) {
-      const A d = static_cast<A>(p[i]) - x0 - cm;
+      const A d = ld<T, A>(p, i) - x0 - cm;
       return d * d;
     });
     chan_merge(m, static_cast<A>(L), cm, q);
   }
-  return m;
+  const A mu = x0 + m.mean, rs = rsqrt_var(m.m2, M, eps);
+  *mean = mu;
+  *rstd = rs;
+  for (int64_t d = 0; d < D; ++d) {
+    const A k = w ? rs * w[d] : rs, h = b ? b[d] : A(0);
+    const T* xc = x + d * S;
+    T* yc = y + d * S;
+    BITFAST_SIMD
+    for (int64_t i = 0; i < S; ++i) {
+      A z = (ld<T, A>(xc, i) - mu) * k + h;
+      if (Relu) z = z < A(0) ? A(0) : z;
+      yc[i] = static_cast<T>(z);
+    }
+  }
+}
+
+template <bool Relu, typename T, typename A>
+BITFAST_CLONES void bwd_group(const T* dy, const T* x, T* dx, int64_t D, int64_t S, const A* w, const A* b, A mu,
+                              A rs, A* sdz, A* sdzxm) {
+  A gw = 0, gwxm = 0;
+  for (int64_t d = 0; d < D; ++d) {  // per-channel sums of dz and dz * (x - mean)
+    const T* xc = x + d * S;
+    const T* gc = dy + d * S;
+    const A wc = w ? w[d] : A(1), k = rs * wc, h = b ? b[d] : A(0);
+    A s0[kLanes] = {}, s1[kLanes] = {};
+    auto add = [&](int64_t i, A& t0, A& t1) {
+      const A xm = ld<T, A>(xc, i) - mu;
+      A dz = ld<T, A>(gc, i);
+      if (Relu) dz = xm * k + h <= A(0) ? A(0) : dz;
+      t0 += dz;
+      t1 += dz * xm;
+    };
+    int64_t i = 0;
+    for (; i + kLanes <= S; i += kLanes)
+      for (int j = 0; j < kLanes; ++j) add(i + j, s0[j], s1[j]);
+    A t0 = 0, t1 = 0;
+    for (; i < S; ++i) add(i, t0, t1);
+    for (int j = 0; j < kLanes; ++j) t0 += s0[j], t1 += s1[j];
+    sdz[d] = t0;
+    sdzxm[d] = t1;
+    gw += wc * t0;
+    gwxm += wc * t1;
+  }
+  const int64_t M = D * S;
+  const A c1 = gw / static_cast<A>(M), c2 = rs * gwxm / static_cast<A>(M), q = -rs * rs * c2, r = -rs * c1;
+  for (int64_t d = 0; d < D; ++d) {
+    const T* xc = x + d * S;
+    const T* gc = dy + d * S;
+    T* dxc = dx + d * S;
+    const A k = w ? rs * w[d] : rs, h = b ? b[d] : A(0);
+    BITFAST_SIMD
+    for (int64_t i = 0; i < S; ++i) {
+      const A xm = ld<T, A>(xc, i) - mu;
+      A dz = ld<T, A>(gc, i);
+      if (Relu) dz = xm * k + h <= A(0) ? A(0) : dz;
+      dxc[i] = static_cast<T>(dz * k + xm * q + r);
+    }
+  }
 }
 
 template <bool Relu, typename T, typename A>
 void fwd_nchw(const GNArgs& a, const T* x, const A* w, const A* b, T* y, A* mean, A* rstd) {
-  const int64_t S = a.S, D = a.C / a.G, M = D * S;
-#pragma omp parallel for schedule(static) if (a.N * a.C * S >= kParallelMin)
-  for (int64_t ng = 0; ng < a.N * a.G; ++ng) {  // x[ng * M : (ng + 1) * M] is group g of sample n
-    const Moments<A> m = row_moments<T, A>(x + ng * M, M);
-    const A mu = static_cast<A>(x[ng * M]) + m.mean, rs = static_cast<A>(1.0 / std::sqrt(static_cast<double>(m.m2 / M) + a.eps));
-    mean[ng] = mu;
-    rstd[ng] = rs;
-    for (int64_t d = 0; d < D; ++d) {
-      const int64_t c = (ng % a.G) * D + d;
-      const A sc = w ? rs * w[c] : rs, sh = b ? b[c] : A(0);
-      const T* __restrict__ xc = x + ng * M + d * S;
-      T* __restrict__ yc = y + ng * M + d * S;
-      for (int64_t i = 0; i < S; ++i) {
-        A z = (static_cast<A>(xc[i]) - mu) * sc + sh;
-        if (Relu) z = z < A(0) ? A(0) : z;
-        yc[i] = static_cast<T>(z);
-      }
-    }
+  const int64_t D = a.C / a.G, M = D * a.S;
+#pragma omp parallel for schedule(static) if (a.N * a.C * a.S >= kParallelMin)
+  for (int64_t ng = 0; ng < a.N * a.G; ++ng) {
+    const int64_t c0 = (ng % a.G) * D;
+    fwd_group<Relu, T, A>(x + ng * M, y + ng * M, D, a.S, w ? w + c0 : nullptr, b ? b + c0 : nullptr, a.eps,
+                          mean + ng, rstd + ng);
   }
-}
-
-// Per-channel sums over S of dz and dz * (x - mean) for one channel row.
-template <bool Relu, typename T, typename A>
-inline void bwd_row_sums(const T* dy, const T* x, int64_t S, A mu, A sc, A sh, A* sdz, A* sdzxm) {
-  A s0[kLanes] = {}, s1[kLanes] = {};
-  auto term = [&](int64_t i, A& dz, A& xm) {
-    xm = static_cast<A>(x[i]) - mu;
-    dz = static_cast<A>(dy[i]);
-    if (Relu) dz = xm * sc + sh <= A(0) ? A(0) : dz;
-  };
-  int64_t i = 0;
-  for (; i + kLanes <= S; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) {
-      A dz, xm;
-      term(i + j, dz, xm);
-      s0[j] += dz;
-      s1[j] += dz * xm;
-    }
-  A t0 = 0, t1 = 0;
-  for (; i < S; ++i) {
-    A dz, xm;
-    term(i, dz, xm);
-    t0 += dz;
-    t1 += dz * xm;
-  }
-  for (int j = 0; j < kLanes; ++j) t0 += s0[j], t1 += s1[j];
-  *sdz = t0;
-  *sdzxm = t1;
 }
 
 template <bool Relu, typename T, typename A>
 void bwd_nchw(const GNArgs& a, const T* dy, const T* x, const A* w, const A* b, const A* mean, const A* rstd, T* dx,
               A* sdz, A* sdzxm) {
-  const int64_t S = a.S, D = a.C / a.G, M = D * S;
-#pragma omp parallel for schedule(static) if (a.N * a.C * S >= kParallelMin)
+  const int64_t D = a.C / a.G, M = D * a.S;
+#pragma omp parallel for schedule(static) if (a.N * a.C * a.S >= kParallelMin)
   for (int64_t ng = 0; ng < a.N * a.G; ++ng) {
-    const A mu = mean[ng], rs = rstd[ng];
-    const int64_t c0 = (ng % a.G) * D, nc0 = ng * D;  // first channel of the group; its (n, c) index
-    A gw = 0, gwxm = 0;
-    for (int64_t d = 0; d < D; ++d) {
-      const A wc = w ? w[c0 + d] : A(1), sh = b ? b[c0 + d] : A(0);
-      bwd_row_sums<Relu>(dy + ng * M + d * S, x + ng * M + d * S, S, mu, rs * wc, sh, &sdz[nc0 + d],
-                         &sdzxm[nc0 + d]);
-      gw += wc * sdz[nc0 + d];
-      gwxm += wc * sdzxm[nc0 + d];
-    }
-    const A c1 = gw / M, c2 = rs * gwxm / M, q = -rs * rs * c2, r = -rs * c1;
-    for (int64_t d = 0; d < D; ++d) {
-      const A wc = w ? w[c0 + d] : A(1), sh = b ? b[c0 + d] : A(0), p = rs * wc;
-      const T* __restrict__ xc = x + ng * M + d * S;
-      const T* __restrict__ gc = dy + ng * M + d * S;
-      T* __restrict__ dxc = dx + ng * M + d * S;
-      for (int64_t i = 0; i < S; ++i) {
-        const A xm = static_cast<A>(xc[i]) - mu;
-        A dz = static_cast<A>(gc[i]);
-        if (Relu) dz = xm * p + sh <= A(0) ? A(0) : dz;
-        dxc[i] = static_cast<T>(dz * p + xm * q + r);
-      }
-    }
+    const int64_t c0 = (ng % a.G) * D;
+    bwd_group<Relu, T, A>(dy + ng * M, x + ng * M, dx + ng * M, D, a.S, w ? w + c0 : nullptr, b ? b + c0 : nullptr,
+                          mean[ng], rstd[ng], sdz + ng * D, sdzxm + ng * D);
   }
 }
 
 // ------------------------------------------------------------------------------------------------ NHWC
-// Each loop below walks one tile of V channels down the rows of a block, holding the tile's per-channel state in
-// registers (SIMD across channels; a row's tile is one cache line). f(c0, V) for full tiles, then width-1 tiles.
-template <int V, typename F> inline void channel_tiles(int64_t C, F&& f) {
-  int64_t c0 = 0;
-  for (; c0 + V <= C; c0 += V) f(c0, std::integral_constant<int, V>());
-  for (; c0 < C; ++c0) f(c0, std::integral_constant<int, 1>());
-}
+// Task functions on an (R, C) block of rows; per-channel arrays are (C,). Loops run rows outer, channels inner:
+// x streams sequentially and the per-channel state stays in L1.
 
-// Per-channel moments of x - x0 over rows [0, R) of an (R, C) block, exact two-pass: a tile's R x 16 column stays
-// in L1/L2 between the passes. x0 is row 0 of the sample: the shift keeps the sums small, so a large common offset
-// loses no bits.
+// Per-channel moments of x - x0 over the block, exact two-pass (the block stays in L2 between the passes).
 template <typename T, typename A>
-void block_moments(const T* x, const T* x0, int64_t R, int64_t C, A* mean, A* m2) {
-  channel_tiles<16>(C, [&](int64_t c0, auto vv) {
-    constexpr int V = decltype(vv)::value;
-    A sh[V], mu[V] = {}, q[V] = {};
-    for (int j = 0; j < V; ++j) sh[j] = static_cast<A>(x0[c0 + j]);
-    for (int64_t r = 0; r < R; ++r)
-      for (int j = 0; j < V; ++j) mu[j] += static_cast<A>(x[r * C + c0 + j]) - sh[j];
-    for (int j = 0; j < V; ++j) mu[j] /= static_cast<A>(R);
-    for (int64_t r = 0; r < R; ++r)
-      for (int j = 0; j < V; ++j) {
-        const A d = static_cast<A>(x[r * C + c0 + j]) - sh[j] - mu[j];
-        q[j] += d * d;
-      }
-    for (int j = 0; j < V; ++j) mean[c0 + j] = mu[j], m2[c0 + j] = q[j];
-  });
+BITFAST_CLONES void block_moments(const T* __restrict__ x, const T* __restrict__ x0, int64_t R, int64_t C,
+                                  A* __restrict__ mean, A* __restrict__ m2) {
+  std::fill(mean, mean + C, A(0));
+  std::fill(m2, m2 + C, A(0));
+  for (int64_t r = 0; r < R; ++r) {
+    BITFAST_SIMD
+    for (int64_t c = 0; c < C; ++c) mean[c] += ld<T, A>(x, r * C + c) - ld<T, A>(x0, c);
+  }
+  const A inv = A(1) / static_cast<A>(R);
+  BITFAST_SIMD
+  for (int64_t c = 0; c < C; ++c) mean[c] *= inv;
+  for (int64_t r = 0; r < R; ++r) {
+    BITFAST_SIMD
+    for (int64_t c = 0; c < C; ++c) {
+      const A d = ld<T, A>(x, r * C + c) - ld<T, A>(x0, c) - mean[c];
+      m2[c] += d * d;
+    }
+  }
 }
 
 template <bool Relu, typename T, typename A>
+BITFAST_CLONES void block_normalize(const T* __restrict__ x, T* __restrict__ y, int64_t R, int64_t C,
+                                    const A* __restrict__ mu, const A* __restrict__ k, const A* __restrict__ h) {
+  for (int64_t r = 0; r < R; ++r) {
+    BITFAST_SIMD
+    for (int64_t c = 0; c < C; ++c) {
+      A z = (ld<T, A>(x, r * C + c) - mu[c]) * k[c] + h[c];
+      if (Relu) z = z < A(0) ? A(0) : z;
+      y[r * C + c] = static_cast<T>(z);
+    }
+  }
+}
+
+// Per-channel sums over the block of dz and dz * (x - mean).
+template <bool Relu, typename T, typename A>
+BITFAST_CLONES void block_bwd_sums(const T* __restrict__ dy, const T* __restrict__ x, int64_t R, int64_t C,
+                                   const A* __restrict__ mu, const A* __restrict__ k, const A* __restrict__ h,
+                                   A* __restrict__ s0, A* __restrict__ s1) {
+  std::fill(s0, s0 + C, A(0));
+  std::fill(s1, s1 + C, A(0));
+  for (int64_t r = 0; r < R; ++r) {
+    BITFAST_SIMD
+    for (int64_t c = 0; c < C; ++c) {
+      const A xm = ld<T, A>(x, r * C + c) - mu[c];
+      A dz = ld<T, A>(dy, r * C + c);
+      if (Relu) dz = xm * k[c] + h[c] <= A(0) ? A(0) : dz;
+      s0[c] += dz;
+      s1[c] += dz * xm;
+    }
+  }
+}
+
+template <bool Relu, typename T, typename A>
+BITFAST_CLONES void block_bwd_dx(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, int64_t R,
+                                 int64_t C, const A* __restrict__ mu, const A* __restrict__ k,
+                                 const A* __restrict__ h, const A* __restrict__ q, const A* __restrict__ r) {
+  for (int64_t s = 0; s < R; ++s) {
+    BITFAST_SIMD
+    for (int64_t c = 0; c < C; ++c) {
+      const A xm = ld<T, A>(x, s * C + c) - mu[c];
+      A dz = ld<T, A>(dy, s * C + c);
+      if (Relu) dz = xm * k[c] + h[c] <= A(0) ? A(0) : dz;
+      dx[s * C + c] = static_cast<T>(dz * k[c] + xm * q[c] + r[c]);
+    }
+  }
+}
+
+// NHWC work split: blocks of R rows (B per sample), samples in chunks of NS (a chunk's x and dy fit in cache).
+struct NhwcSplit {
+  int64_t R, B, NS;
+  NhwcSplit(const GNArgs& a) {
+    R = std::min(a.S, std::max(kMinRows, kBlockElems / a.C));
+    B = (a.S + R - 1) / R;
+    NS = std::max<int64_t>(1, std::min(a.N, kCacheElems / (a.S * a.C)));
+  }
+  int64_t rows(int64_t blk, int64_t S) const { return std::min(R, S - blk * R); }
+};
+
+template <bool Relu, typename T, typename A>
 void fwd_nhwc(const GNArgs& a, const T* x, const A* w, const A* b, T* y, A* mean, A* rstd) {
-  const int64_t N = a.N, C = a.C, S = a.S, G = a.G, D = C / G;
-  const int64_t R = rows_per_block(C, S), B = (S + R - 1) / R;
-  const bool par = N * C * S >= kParallelMin;
-  std::vector<A> pm(N * B * C), pq(N * B * C);  // (N, B, C): per-block channel mean (of x - x0) and M2
+  const int64_t C = a.C, S = a.S, G = a.G, D = C / G;
+  const NhwcSplit sp(a);
+  const bool par = a.N * C * S >= kParallelMin;
+  std::vector<A> pm(sp.NS * sp.B * C), pq(sp.NS * sp.B * C);  // (NS, B, C): block moments of x - x[n, 0, :]
+  std::vector<A> mu(sp.NS * C), k(sp.NS * C), h(sp.NS * C);   // (NS, C): group mean, rstd * w, b
+  for (int64_t n0 = 0; n0 < a.N; n0 += sp.NS) {
+    const int64_t ns = std::min(sp.NS, a.N - n0);
 #pragma omp parallel for schedule(static) if (par)
-  for (int64_t t = 0; t < N * B; ++t) {
-    const int64_t n = t / B, s0 = (t % B) * R;
-    block_moments(x + (n * S + s0) * C, x + n * S * C, std::min(R, S - s0), C, &pm[t * C], &pq[t * C]);
-  }
-  std::vector<A> mu(N * C), sc(N * C), sh(N * C);  // (N, C): group mean, scale, shift per channel
+    for (int64_t t = 0; t < ns * sp.B; ++t) {
+      const int64_t n = n0 + t / sp.B, blk = t % sp.B;
+      block_moments(x + (n * S + blk * sp.R) * C, x + n * S * C, sp.rows(blk, S), C, &pm[t * C], &pq[t * C]);
+    }
 #pragma omp parallel for schedule(static) if (par)
-  for (int64_t ng = 0; ng < N * G; ++ng) {
-    // Channel moments (blocks merged in order), then the group: channels hold S elements each, so the group mean
-    // is their plain average. Means are kept relative to ref = x[n, 0, c0] (x0[c] - ref is small).
-    const int64_t n = ng / G, c0 = (ng % G) * D;
-    const T* x0 = x + n * S * C;
-    const A ref = static_cast<A>(x0[c0]);
-    std::vector<Moments<A>> ch(D);
-    A gmean = 0;  // relative to ref
-    for (int64_t d = 0; d < D; ++d) {
-      for (int64_t blk = 0; blk < B; ++blk) {
-        const int64_t i = (n * B + blk) * C + c0 + d;
-        chan_merge(ch[d], static_cast<A>(std::min(R, S - blk * R)), pm[i], pq[i]);
-      }
-      ch[d].mean += static_cast<A>(x0[c0 + d]) - ref;
-      gmean += ch[d].mean;
-    }
-    gmean /= static_cast<A>(D);
-    A m2 = 0;
-    for (int64_t d = 0; d < D; ++d) {
-      const A dm = ch[d].mean - gmean;
-      m2 += ch[d].m2 + static_cast<A>(S) * dm * dm;
-    }
-    const A rs = static_cast<A>(1.0 / std::sqrt(static_cast<double>(m2 / (D * S)) + a.eps));
-    gmean += ref;
-    mean[ng] = gmean;
-    rstd[ng] = rs;
-    for (int64_t c = c0; c < c0 + D; ++c) {
-      mu[n * C + c] = gmean;
-      sc[n * C + c] = w ? rs * w[c] : rs;
-      sh[n * C + c] = b ? b[c] : A(0);
-    }
-  }
-#pragma omp parallel for schedule(static) if (par)
-  for (int64_t t = 0; t < N * B; ++t) {
-    const int64_t n = t / B, s0 = (t % B) * R, s1 = std::min(S, s0 + R);
-    channel_tiles<16>(C, [&](int64_t c0, auto vv) {
-      constexpr int V = decltype(vv)::value;
-      A m[V], k[V], h[V];
-      for (int j = 0; j < V; ++j) m[j] = mu[n * C + c0 + j], k[j] = sc[n * C + c0 + j], h[j] = sh[n * C + c0 + j];
-      for (int64_t s = s0; s < s1; ++s) {
-        const T* xr = x + (n * S + s) * C + c0;
-        T* yr = y + (n * S + s) * C + c0;
-        for (int j = 0; j < V; ++j) {
-          A z = (static_cast<A>(xr[j]) - m[j]) * k[j] + h[j];
-          if (Relu) z = z < A(0) ? A(0) : z;
-          yr[j] = static_cast<T>(z);
+    for (int64_t ig = 0; ig < ns * G; ++ig) {
+      // Channel moments (blocks merged in order), then the group: channels hold S elements each, so the group mean
+      // is their plain average. Means stay relative to ref = x[n, 0, c0] (x[n, 0, c] - ref is small).
+      const int64_t i = ig / G, n = n0 + i, c0 = (ig % G) * D;
+      const T* x0 = x + n * S * C;
+      const A ref = ld<T, A>(x0, c0);
+      std::vector<Moments<A>> ch(D);
+      A gmean = 0;
+      for (int64_t d = 0; d < D; ++d) {
+        for (int64_t blk = 0; blk < sp.B; ++blk) {
+          const int64_t j = (i * sp.B + blk) * C + c0 + d;
+          chan_merge(ch[d], static_cast<A>(sp.rows(blk, S)), pm[j], pq[j]);
         }
+        ch[d].mean += ld<T, A>(x0, c0 + d) - ref;
+        gmean += ch[d].mean;
       }
-    });
+      gmean /= static_cast<A>(D);
+      A m2 = 0;
+      for (int64_t d = 0; d < D; ++d) {
+        const A dm = ch[d].mean - gmean;
+        m2 += ch[d].m2 + static_cast<A>(S) * dm * dm;
+      }
+      const A rs = rsqrt_var(m2, D * S, a.eps);
+      mean[n * G + ig % G] = ref + gmean;
+      rstd[n * G + ig % G] = rs;
+      for (int64_t c = c0; c < c0 + D; ++c) {
+        mu[i * C + c] = ref + gmean;
+        k[i * C + c] = w ? rs * w[c] : rs;
+        h[i * C + c] = b ? b[c] : A(0);
+      }
+    }
+#pragma omp parallel for schedule(static) if (par)
+    for (int64_t t = 0; t < ns * sp.B; ++t) {
+      const int64_t i = t / sp.B, blk = t % sp.B, off = ((n0 + i) * S + blk * sp.R) * C;
+      block_normalize<Relu>(x + off, y + off, sp.rows(blk, S), C, &mu[i * C], &k[i * C], &h[i * C]);
+    }
   }
 }
 
 template <bool Relu, typename T, typename A>
 void bwd_nhwc(const GNArgs& a, const T* dy, const T* x, const A* w, const A* b, const A* mean, const A* rstd, T* dx,
               A* sdz, A* sdzxm) {
-  const int64_t N = a.N, C = a.C, S = a.S, G = a.G, D = C / G;
-  const int64_t R = rows_per_block(C, S), B = (S + R - 1) / R;
-  const bool par = N * C * S >= kParallelMin;
-  // (N, C) coefficients: dz = dy * [(x - mu) * p + h > 0],  dx = dz * p + (x - mu) * q + r.
-  std::vector<A> mu(N * C), p(N * C), h(N * C), q(N * C), r(N * C);
-  for (int64_t nc = 0; nc < N * C; ++nc) {
-    const int64_t c = nc % C, ng = (nc / C) * G + c / D;
-    mu[nc] = mean[ng];
-    p[nc] = w ? rstd[ng] * w[c] : rstd[ng];
-    h[nc] = b ? b[c] : A(0);
-  }
-  std::vector<A> p0(N * B * C), p1(N * B * C);  // (N, B, C): per-block sums of dz and dz * (x - mean)
-#pragma omp parallel for schedule(static) if (par)
-  for (int64_t t = 0; t < N * B; ++t) {
-    const int64_t n = t / B, s0 = (t % B) * R, s1 = std::min(S, s0 + R);
-    channel_tiles<8>(C, [&](int64_t c0, auto vv) {
-      constexpr int V = decltype(vv)::value;
-      A m[V], k[V], hh[V], s_dz[V] = {}, s_dzxm[V] = {};
-      for (int j = 0; j < V; ++j) m[j] = mu[n * C + c0 + j], k[j] = p[n * C + c0 + j], hh[j] = h[n * C + c0 + j];
-      for (int64_t s = s0; s < s1; ++s) {
-        const T* xr = x + (n * S + s) * C + c0;
-        const T* gr = dy + (n * S + s) * C + c0;
-        for (int j = 0; j < V; ++j) {
-          const A xm = static_cast<A>(xr[j]) - m[j];
-          A dz = static_cast<A>(gr[j]);
-          if (Relu) dz = xm * k[j] + hh[j] <= A(0) ? A(0) : dz;
-          s_dz[j] += dz;
-          s_dzxm[j] += dz * xm;
-        }
-      }
-      for (int j = 0; j < V; ++j) p0[t * C + c0 + j] = s_dz[j], p1[t * C + c0 + j] = s_dzxm[j];
-    });
-  }
-#pragma omp parallel for schedule(static) if (par)
-  for (int64_t ng = 0; ng < N * G; ++ng) {
-    const int64_t n = ng / G, c0 = (ng % G) * D;
-    A gw = 0, gwxm = 0;
-    for (int64_t c = c0; c < c0 + D; ++c) {
-      A t0 = 0, t1 = 0;
-      for (int64_t blk = 0; blk < B; ++blk) t0 += p0[(n * B + blk) * C + c], t1 += p1[(n * B + blk) * C + c];
-      sdz[n * C + c] = t0;
-      sdzxm[n * C + c] = t1;
-      const A wc = w ? w[c] : A(1);
-      gw += wc * t0;
-      gwxm += wc * t1;
+  const int64_t C = a.C, S = a.S, G = a.G, D = C / G;
+  const NhwcSplit sp(a);
+  const bool par = a.N * C * S >= kParallelMin;
+  std::vector<A> p0(sp.NS * sp.B * C), p1(sp.NS * sp.B * C);  // (NS, B, C): block sums of dz, dz * (x - mean)
+  // (NS, C): dz = dy * [(x - mu) * k + h > 0],  dx = dz * k + (x - mu) * q + r
+  std::vector<A> mu(sp.NS * C), k(sp.NS * C), h(sp.NS * C), q(sp.NS * C), r(sp.NS * C);
+  for (int64_t n0 = 0; n0 < a.N; n0 += sp.NS) {
+    const int64_t ns = std::min(sp.NS, a.N - n0);
+    for (int64_t ic = 0; ic < ns * C; ++ic) {
+      const int64_t c = ic % C, ng = (n0 + ic / C) * G + c / D;
+      mu[ic] = mean[ng];
+      k[ic] = w ? rstd[ng] * w[c] : rstd[ng];
+      h[ic] = b ? b[c] : A(0);
     }
-    const A rs = rstd[ng], M = static_cast<A>(D * S), c1 = gw / M, c2 = rs * gwxm / M;
-    for (int64_t c = c0; c < c0 + D; ++c) q[n * C + c] = -rs * rs * c2, r[n * C + c] = -rs * c1;
-  }
 #pragma omp parallel for schedule(static) if (par)
-  for (int64_t t = 0; t < N * B; ++t) {
-    const int64_t n = t / B, s0 = (t % B) * R, s1 = std::min(S, s0 + R);
-    channel_tiles<8>(C, [&](int64_t c0, auto vv) {
-      constexpr int V = decltype(vv)::value;
-      A m[V], k[V], hh[V], qq[V], rr[V];
-      for (int j = 0; j < V; ++j) {
-        const int64_t i = n * C + c0 + j;
-        m[j] = mu[i], k[j] = p[i], hh[j] = h[i], qq[j] = q[i], rr[j] = r[i];
+    for (int64_t t = 0; t < ns * sp.B; ++t) {
+      const int64_t i = t / sp.B, blk = t % sp.B, off = ((n0 + i) * S + blk * sp.R) * C;
+      block_bwd_sums<Relu>(dy + off, x + off, sp.rows(blk, S), C, &mu[i * C], &k[i * C], &h[i * C], &p0[t * C],
+                           &p1[t * C]);
+    }
+#pragma omp parallel for schedule(static) if (par)
+    for (int64_t ig = 0; ig < ns * G; ++ig) {
+      const int64_t i = ig / G, n = n0 + i, c0 = (ig % G) * D;
+      A gw = 0, gwxm = 0;
+      for (int64_t c = c0; c < c0 + D; ++c) {
+        A t0 = 0, t1 = 0;
+        for (int64_t blk = 0; blk < sp.B; ++blk) t0 += p0[(i * sp.B + blk) * C + c], t1 += p1[(i * sp.B + blk) * C + c];
+        sdz[n * C + c] = t0;
+        sdzxm[n * C + c] = t1;
+        const A wc = w ? w[c] : A(1);
+        gw += wc * t0;
+        gwxm += wc * t1;
       }
-      for (int64_t s = s0; s < s1; ++s) {
-        const T* xr = x + (n * S + s) * C + c0;
-        const T* gr = dy + (n * S + s) * C + c0;
-        T* dxr = dx + (n * S + s) * C + c0;
-        for (int j = 0; j < V; ++j) {
-          const A xm = static_cast<A>(xr[j]) - m[j];
-          A dz = static_cast<A>(gr[j]);
-          if (Relu) dz = xm * k[j] + hh[j] <= A(0) ? A(0) : dz;
-          dxr[j] = static_cast<T>(dz * k[j] + xm * qq[j] + rr[j]);
-        }
-      }
-    });
+      const A rs = rstd[n * G + ig % G], M = static_cast<A>(D * S), c1 = gw / M, c2 = rs * gwxm / M;
+      for (int64_t c = c0; c < c0 + D; ++c) q[i * C + c] = -rs * rs * c2, r[i * C + c] = -rs * c1;
+    }
+#pragma omp parallel for schedule(static) if (par)
+    for (int64_t t = 0; t < ns * sp.B; ++t) {
+      const int64_t i = t / sp.B, blk = t % sp.B, off = ((n0 + i) * S + blk * sp.R) * C;
+      block_bwd_dx<Relu>(dy + off, x + off, dx + off, sp.rows(blk, S), C, &mu[i * C], &k[i * C], &h[i * C],
+                         &q[i * C], &r[i * C]);
+    }
   }
 }
 
@@ -370,12 +396,14 @@ void bwd_typed(const GNArgs& a, const void* dy, const void* x, const void* w, co
                      static_cast<A*>(db));
 }
 
+// f(T(), std::integral_constant<bool, relu>()) for the storage type of dt.
 template <typename F> void by_dtype(DType dt, bool relu, F&& f) {
+  auto go = [&](auto t) { relu ? f(t, std::true_type()) : f(t, std::false_type()); };
   switch (dt) {
-    case DType::f32: return relu ? f(float(), std::true_type()) : f(float(), std::false_type());
-    case DType::f16: return relu ? f(c10::Half(), std::true_type()) : f(c10::Half(), std::false_type());
-    case DType::bf16: return relu ? f(c10::BFloat16(), std::true_type()) : f(c10::BFloat16(), std::false_type());
-    case DType::f64: return relu ? f(double(), std::true_type()) : f(double(), std::false_type());
+    case DType::f32: return go(float());
+    case DType::f16: return go(c10::Half());
+    case DType::bf16: return go(c10::BFloat16());
+    case DType::f64: return go(double());
   }
 }
 

@@ -1,6 +1,7 @@
-// Weight standardization on CUDA, torch-free (raw pointers + cudaStream_t). Same math as weight_standardize_cpu.cpp:
-// per row of K elements, mean = sum(w)/K, var = sum((w - mean)^2)/K (two passes), rstd = 1/sqrt(var + eps),
-// y = (w - mean) * rstd; backward dw = rstd * (dy - mean(dy) - yhat * mean(dy * yhat)).
+// Weight standardization on CUDA, torch-free (raw pointers + cudaStream_t). Same math as weight_standardize_cpu.cpp
+// (corrected two-pass): per row of K elements, m0 = sum(w)/K, d = w - m0, c = sum(d)/K, var = sum(d^2)/K - c^2,
+// mean = m0 + c, rstd = 1/sqrt(var + eps), y = (d - c) * rstd; backward
+// dw = rstd * (dy - mean(dy) - yhat * mean(dy * yhat)) with yhat = (w - mean) * rstd.
 // One thread block per row. Rows of real convs (<= 18432 elements = 72 KiB fp32 for R152x4) stay in L1/L2 between the
 // passes, so DRAM sees one read and one write per element. Sums are fp32 (fp64 for fp64 weights) per thread, then a
 // tree reduction over the block; indices are 64-bit so rows of >= 2^20 elements (or O*K >= 2^31) work.
@@ -68,17 +69,20 @@ __device__ __forceinline__ void fwd_row(const In* __restrict__ w, Out* __restric
   A s[1] = {A(0)};
   for (int64_t i = threadIdx.x; i < K; i += kThreads) s[0] += load<A>(w + i);
   block_sum(s);
-  const A mean = static_cast<A>(static_cast<double>(s[0]) / K);
-  A m2[1] = {A(0)};
+  const A m0 = static_cast<A>(static_cast<double>(s[0]) / K);
+  A q[2] = {A(0), A(0)};  // sum(d), sum(d^2) with d = w - m0
   for (int64_t i = threadIdx.x; i < K; i += kThreads) {
-    const A d = load<A>(w + i) - mean;
-    m2[0] += d * d;
+    const A d = load<A>(w + i) - m0;
+    q[0] += d;
+    q[1] += d * d;
   }
-  block_sum(m2);
-  const A rstd = static_cast<A>(1.0 / sqrt(static_cast<double>(m2[0]) / K + eps));
-  for (int64_t i = threadIdx.x; i < K; i += kThreads) store(y + i, (load<A>(w + i) - mean) * rstd);
+  block_sum(q);
+  const double c = static_cast<double>(q[0]) / K, var = static_cast<double>(q[1]) / K - c * c;
+  const A rstd = static_cast<A>(1.0 / sqrt(fmax(var, 0.0) + eps));
+  const A shift = static_cast<A>(c);
+  for (int64_t i = threadIdx.x; i < K; i += kThreads) store(y + i, ((load<A>(w + i) - m0) - shift) * rstd);
   if (threadIdx.x == 0) {
-    *mean_out = mean;
+    *mean_out = static_cast<A>(m0 + c);
     *rstd_out = rstd;
   }
 }

@@ -1,6 +1,9 @@
-// Weight standardization on the CPU (C++17 + OpenMP). A weight is (O, K) rows; each row is standardized on its own:
-//   mean = sum(w) / K,  var = sum((w - mean)^2) / K  (two passes, never E[w^2] - E[w]^2),
-//   rstd = 1 / sqrt(var + eps),  y = (w - mean) * rstd.
+// Weight standardization on the CPU (C++17 + OpenMP). A weight is (O, K) rows; each row is standardized on its own
+// with the corrected two-pass algorithm (never E[w^2] - E[w]^2 on raw values):
+//   m0 = sum(w) / K;  d = w - m0;  c = sum(d) / K  (the rounding error of m0);  var = sum(d^2) / K - c^2,
+//   mean = m0 + c,  rstd = 1 / sqrt(var + eps),  y = (d - c) * rstd.
+// c repairs the mean when |mean| >> std (w = 1000 + noise), and y uses d - c instead of w - mean so that the
+// fp32 rounding of mean itself does not reach y.
 // Backward (exact for the formula above, eps included), with yhat = (w - mean) * rstd recomputed from w:
 //   dw = rstd * (dy - mean(dy) - yhat * mean(dy * yhat)).
 // One row is at most a few tens of KiB for real convs, so its later passes hit L1/L2: DRAM sees one read of w (and
@@ -25,7 +28,7 @@ constexpr int64_t kParallelMin = 1 << 15;  // below this many elements a call st
 
 template <typename T, typename A> inline A ld(T v) { return static_cast<A>(v); }
 
-// sum(x) over one row, chunked. f(i) gives the i-th term in acc type.
+// sum(f(i)) (and sum(g(i))) over one row, chunked; f, g give terms in the acc type A.
 template <typename A, typename F> inline double chunked_sum(int64_t K, F f) {
   double total = 0.0;
   for (int64_t c0 = 0; c0 < K; c0 += kChunk) {
@@ -38,19 +41,40 @@ template <typename A, typename F> inline double chunked_sum(int64_t K, F f) {
   return total;
 }
 
+template <typename A, typename F, typename G> inline void chunked_sum2(int64_t K, F f, G g, double& sf, double& sg) {
+  sf = sg = 0.0;
+  for (int64_t c0 = 0; c0 < K; c0 += kChunk) {
+    const int64_t c1 = c0 + kChunk < K ? c0 + kChunk : K;
+    A a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+    for (int64_t i = c0; i < c1; ++i) {
+      a += f(i);
+      b += g(i);
+    }
+    sf += static_cast<double>(a);
+    sg += static_cast<double>(b);
+  }
+}
+
 template <typename In, typename Out>
 void fwd_row(const In* w, Out* y, int64_t K, double eps, typename AccOf<In>::type* mean_out,
              typename AccOf<In>::type* rstd_out) {
   using A = typename AccOf<In>::type;
-  const A mean = static_cast<A>(chunked_sum<A>(K, [&](int64_t i) { return ld<In, A>(w[i]); }) / K);
-  const double m2 = chunked_sum<A>(K, [&](int64_t i) {
-    const A d = ld<In, A>(w[i]) - mean;
-    return d * d;
-  });
-  const A rstd = static_cast<A>(1.0 / std::sqrt(m2 / K + eps));
+  const A m0 = static_cast<A>(chunked_sum<A>(K, [&](int64_t i) { return ld<In, A>(w[i]); }) / K);
+  double s1, s2;
+  chunked_sum2<A>(
+      K, [&](int64_t i) { return ld<In, A>(w[i]) - m0; },
+      [&](int64_t i) {
+        const A d = ld<In, A>(w[i]) - m0;
+        return d * d;
+      },
+      s1, s2);
+  const double c = s1 / K, var = s2 / K - c * c;
+  const A rstd = static_cast<A>(1.0 / std::sqrt((var > 0.0 ? var : 0.0) + eps));
+  const A shift = static_cast<A>(c);
 #pragma omp simd
-  for (int64_t i = 0; i < K; ++i) y[i] = static_cast<Out>((ld<In, A>(w[i]) - mean) * rstd);
-  *mean_out = mean;
+  for (int64_t i = 0; i < K; ++i) y[i] = static_cast<Out>(((ld<In, A>(w[i]) - m0) - shift) * rstd);
+  *mean_out = static_cast<A>(m0 + c);
   *rstd_out = rstd;
 }
 
@@ -58,13 +82,15 @@ template <typename In, typename Out>
 void bwd_row(const Out* dy, const In* w, In* dw, int64_t K, typename AccOf<In>::type mean,
              typename AccOf<In>::type rstd) {
   using A = typename AccOf<In>::type;
-  const A s_dy = static_cast<A>(chunked_sum<A>(K, [&](int64_t i) { return ld<Out, A>(dy[i]); }) / K);
-  const A s_dyx = static_cast<A>(
-      chunked_sum<A>(K, [&](int64_t i) { return ld<Out, A>(dy[i]) * ((ld<In, A>(w[i]) - mean) * rstd); }) / K);
+  double s_dy, s_dyx;
+  chunked_sum2<A>(
+      K, [&](int64_t i) { return ld<Out, A>(dy[i]); },
+      [&](int64_t i) { return ld<Out, A>(dy[i]) * ((ld<In, A>(w[i]) - mean) * rstd); }, s_dy, s_dyx);
+  const A m_dy = static_cast<A>(s_dy / K), m_dyx = static_cast<A>(s_dyx / K);
 #pragma omp simd
   for (int64_t i = 0; i < K; ++i) {
     const A xhat = (ld<In, A>(w[i]) - mean) * rstd;
-    dw[i] = static_cast<In>(rstd * (ld<Out, A>(dy[i]) - s_dy - xhat * s_dyx));
+    dw[i] = static_cast<In>(rstd * (ld<Out, A>(dy[i]) - m_dy - xhat * m_dyx));
   }
 }
 

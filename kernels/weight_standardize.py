@@ -1,8 +1,9 @@
 """Triton weight standardization (bitfast.ops.weight_standardize and weight_standardize_many).
 
 Same math as csrc/weight_standardize_cpu.cpp: a weight is (O, K) rows, K contiguous per row (contiguous and
-channels_last weights alike); per row, mean = sum(w)/K, var = sum((w - mean)^2)/K (two passes), rstd =
-1/sqrt(var + eps), y = (w - mean) * rstd. Backward: dw = rstd * (dy - mean(dy) - yhat * mean(dy * yhat)).
+channels_last weights alike); per row (corrected two-pass) m0 = sum(w)/K, d = w - m0, c = sum(d)/K,
+var = sum(d^2)/K - c^2, mean = m0 + c, rstd = 1/sqrt(var + eps), y = (d - c) * rstd.
+Backward: dw = rstd * (dy - mean(dy) - yhat * mean(dy * yhat)), yhat = (w - mean) * rstd.
 One program per row, looping over K in BLOCK chunks (a row of a real conv stays in L1/L2 between the passes).
 Sums are per-lane fp32 (fp64 for fp64 weights) then a tree reduction.
 
@@ -14,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-_MAX_BLOCK = 1024  # table columns (5): w offset, out offset, dy offset (elements, from the bases), K, row0
+# Many-tensor table columns (5): w offset, out offset, dy offset (elements, from the base tensors), K, row0.
 
 
 @triton.jit
@@ -23,13 +24,16 @@ def _fwd_row(w_ptr, y_ptr, mean_ptr, rstd_ptr, K, eps, BLOCK: tl.constexpr, ACC:
     acc = tl.zeros([BLOCK], ACC)
     for k0 in range(0, K, BLOCK):
         acc += tl.load(w_ptr + k0 + offs, mask=k0 + offs < K, other=0.0).to(ACC)
-    mean = tl.sum(acc, 0) / K
-    acc = tl.zeros([BLOCK], ACC)
+    m0 = tl.sum(acc, 0) / K
+    s1 = tl.zeros([BLOCK], ACC)  # sum(d), sum(d^2) with d = w - m0 (corrected two-pass)
+    s2 = tl.zeros([BLOCK], ACC)
     for k0 in range(0, K, BLOCK):
         m = k0 + offs < K
-        d = tl.where(m, tl.load(w_ptr + k0 + offs, mask=m, other=0.0).to(ACC) - mean, 0.0)
-        acc += d * d
-    var = tl.sum(acc, 0) / K + eps
+        d = tl.where(m, tl.load(w_ptr + k0 + offs, mask=m, other=0.0).to(ACC) - m0, 0.0)
+        s1 += d
+        s2 += d * d
+    c = tl.sum(s1, 0) / K
+    var = tl.maximum(tl.sum(s2, 0) / K - c * c, 0.0) + eps
     if ACC == tl.float64:
         rstd = 1.0 / tl.sqrt(var)
     else:
@@ -37,8 +41,8 @@ def _fwd_row(w_ptr, y_ptr, mean_ptr, rstd_ptr, K, eps, BLOCK: tl.constexpr, ACC:
     for k0 in range(0, K, BLOCK):
         m = k0 + offs < K
         x = tl.load(w_ptr + k0 + offs, mask=m, other=0.0).to(ACC)
-        tl.store(y_ptr + k0 + offs, ((x - mean) * rstd).to(y_ptr.dtype.element_ty), mask=m)
-    tl.store(mean_ptr, mean)
+        tl.store(y_ptr + k0 + offs, (((x - m0) - c) * rstd).to(y_ptr.dtype.element_ty), mask=m)
+    tl.store(mean_ptr, m0 + c)
     tl.store(rstd_ptr, rstd)
 
 
@@ -110,10 +114,9 @@ def _acc(dtype):
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
 
-def _launch_cfg(K):
-    """BLOCK (power of two, <= _MAX_BLOCK) and num_warps for rows of K elements."""
-    block = min(triton.next_power_of_2(max(int(K), 1)), _MAX_BLOCK)
-    return block, max(1, min(8, block // 128))
+# One BLOCK/num_warps for every row: the single- and many-tensor kernels then sum in the same order, so their
+# results (and gradients) are bitwise identical. Masked lanes on short rows cost little: WS is tiny next to a conv.
+_BLOCK, _WARPS = 1024, 4
 
 
 def _rows(w):
@@ -129,8 +132,7 @@ def weight_standardize_fwd(w, eps, out_dtype):
     rstd = torch.empty_like(mean)
     if w.numel() == 0:
         return [y, mean, rstd]
-    block, warps = _launch_cfg(K)
-    _fwd_kernel[(O,)](w, y, mean, rstd, K, float(eps), BLOCK=block, ACC=acc_tl, num_warps=warps)
+    _fwd_kernel[(O,)](w, y, mean, rstd, K, float(eps), BLOCK=_BLOCK, ACC=acc_tl, num_warps=_WARPS)
     return [y, mean, rstd]
 
 
@@ -140,26 +142,24 @@ def weight_standardize_bwd(dy, w, mean, rstd):
     dw = torch.empty_like(w)
     if w.numel() == 0:
         return dw
-    block, warps = _launch_cfg(K)
-    _bwd_kernel[(O,)](dy, w, dw, mean, rstd, K, BLOCK=block, ACC=_acc(w.dtype)[1], num_warps=warps)
+    _bwd_kernel[(O,)](dy, w, dw, mean, rstd, K, BLOCK=_BLOCK, ACC=_acc(w.dtype)[1], num_warps=_WARPS)
     return dw
 
 
 def _table(ws, outs, dys):
-    """Index of the base weight (the first non-empty one), the int64 (n, 5) table on the weights' device, the row
-    count, max K and n (the number of non-empty weights). Empty weights get no entry, only rows."""
+    """Index b of the base tensors (the first non-empty weight), the int64 (n, 5) table on the weights' device, the
+    row count and n (the number of non-empty weights). Empty weights get no entry, only rows."""
     keep = [i for i, w in enumerate(ws) if w.numel() > 0]
     b = keep[0] if keep else 0
-    rows, max_k, entries = 0, 0, []
+    rows, entries = 0, []
     for i, w in enumerate(ws):
         O, K = _rows(w)
         if w.numel() > 0:
             d_off = _offset(dys[i], dys[b]) if dys is not None else 0
             entries += [_offset(w, ws[b]), _offset(outs[i], outs[b]), d_off, K, rows]
-            max_k = max(max_k, K)
         rows += O
     table = torch.tensor(entries, dtype=torch.int64, pin_memory=ws[0].is_cuda).to(ws[0].device, non_blocking=True)
-    return b, table, rows, max_k, len(keep)
+    return b, table, rows, len(keep)
 
 
 def _offset(t, base):
@@ -173,24 +173,22 @@ def weight_standardize_many_fwd(ws, eps, out_dtype):
     """List of weights (one dtype and device) -> (ys, mean, rstd); mean/rstd concatenated over all rows."""
     acc_t, acc_tl = _acc(ws[0].dtype)
     ys = [torch.empty_like(w, dtype=out_dtype or w.dtype) for w in ws]
-    b, table, rows, max_k, n = _table(ws, ys, None)
+    b, table, rows, n = _table(ws, ys, None)
     mean = torch.empty(rows, dtype=acc_t, device=ws[0].device)
     rstd = torch.empty_like(mean)
     if n == 0:
         return ys, mean, rstd
-    block, warps = _launch_cfg(max_k)
     _many_fwd_kernel[(rows,)](ws[b], ys[b], table, n, mean, rstd, float(eps), NP2=triton.next_power_of_2(n),
-                              BLOCK=block, ACC=acc_tl, num_warps=warps)
+                              BLOCK=_BLOCK, ACC=acc_tl, num_warps=_WARPS)
     return ys, mean, rstd
 
 
 def weight_standardize_many_bwd(dys, ws, mean, rstd):
     """Grads (each like its weight, one dtype), weights, concatenated mean/rstd -> dws."""
     dws = [torch.empty_like(w) for w in ws]
-    b, table, rows, max_k, n = _table(ws, dws, dys)
+    b, table, rows, n = _table(ws, dws, dys)
     if n == 0:
         return dws
-    block, warps = _launch_cfg(max_k)
     _many_bwd_kernel[(rows,)](dys[b], ws[b], dws[b], table, n, mean, rstd, NP2=triton.next_power_of_2(n),
-                              BLOCK=block, ACC=_acc(ws[0].dtype)[1], num_warps=warps)
+                              BLOCK=_BLOCK, ACC=_acc(ws[0].dtype)[1], num_warps=_WARPS)
     return dws

@@ -19,16 +19,23 @@ from bitfast.ops.weight_standardize import check_weight, weight_standardize_bwd_
 
 
 # ------------------------------------------------------------------------------------------------ reference
+def _fwd_one(w, eps, out_dtype):
+    if w.numel() == 0:  # (0, ...) or K == 0: nothing to standardize (mean/rstd rows left unset, like the kernels)
+        stats = w.new_empty((w.shape[0],), dtype=acc_dtype(w.dtype))
+        return torch.empty_like(w, dtype=out_dtype or w.dtype), stats, torch.empty_like(stats)
+    return weight_standardize_fwd_ref(w, eps, out_dtype)
+
+
 def weight_standardize_many_fwd_ref(ws, eps, out_dtype):
     """Per-weight loop over the reference -> (ys, mean, rstd) with mean/rstd concatenated. The "torch" backend."""
-    outs = [weight_standardize_fwd_ref(w, eps, out_dtype) for w in ws]
+    outs = [_fwd_one(w, eps, out_dtype) for w in ws]
     return [o[0] for o in outs], torch.cat([o[1] for o in outs]), torch.cat([o[2] for o in outs])
 
 
 def weight_standardize_many_bwd_ref(dys, ws, mean, rstd):
     """Per-weight loop over the reference backward -> dws."""
     sizes = [w.shape[0] for w in ws]
-    return [weight_standardize_bwd_ref(dy, w, m, r)
+    return [weight_standardize_bwd_ref(dy, w, m, r) if w.numel() else torch.empty_like(w)
             for dy, w, m, r in zip(dys, ws, mean.split(sizes), rstd.split(sizes))]
 
 
