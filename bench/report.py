@@ -235,7 +235,8 @@ def device_section(path, env, records, older):
 
 # ------------------------------------------------------------------------------------------------ plot
 def plot(devices, png):
-    """Bar chart of img/s per candidate for each train setting of the first device; None without matplotlib."""
+    """img/s per candidate for each train setting, and img/s against batch and resolution, of the first device.
+    Returns the path, or None without matplotlib or data."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -244,18 +245,33 @@ def plot(devices, png):
         return None
     path, env, records, _ = devices[0]
     groups = {s: c for s, c in by_setting(records).items() if "-train-" in s} or by_setting(records)
-    if not groups:
+    sweeps = defaultdict(lambda: defaultdict(list))  # kind -> candidate -> [(size, img/s)]
+    for s, c in by_setting(records, "scaling").items():
+        kind, size = s.split("/")[0], int(s.split("/")[-1])
+        for k, r in c.items():
+            sweeps[kind][k].append((size, r["img_per_s"]))
+    panels = len(groups) + len(sweeps)
+    if not panels:
         return None
-    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 2.2 + 1.6 * len(groups)), squeeze=False)
-    for ax, (s, c) in zip(axes[:, 0], sorted(groups.items())):
+    fig, axes = plt.subplots(panels, 1, figsize=(9, 1.5 + 2.4 * panels), squeeze=False)
+    axes = list(axes[:, 0])
+    for ax, (s, c) in zip(axes, sorted(groups.items())):
         names = sorted(c, key=lambda k: c[k]["img_per_s"])
         ax.barh(names, [c[k]["img_per_s"] for k in names],
                 color=["tab:green" if k == MAIN else "tab:gray" if k == BASE else "tab:blue" for k in names])
         ax.set_title(s, fontsize=9)
         ax.set_xlabel("images/s")
+    for ax, (kind, cands) in zip(axes[len(groups):], sorted(sweeps.items())):
+        for k, pts in sorted(cands.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=k)
+        ax.set_title(f"train step, {kind} sweep", fontsize=9)
+        ax.set_xlabel("resolution (px)" if kind == "res" else "batch size")
+        ax.set_ylabel("images/s")
+        ax.legend(fontsize=8)
     fig.suptitle(f"{env.get('device', '?')} — {env.get('date', '')[:10]}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=100)
     plt.close(fig)
     return png
 

@@ -20,6 +20,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "group_norm.h"
 
@@ -151,7 +152,7 @@ __global__ void __launch_bounds__(kThreads) nchw_fwd(const T* __restrict__ x, T*
     Pack<T, V> p = load<T, V>(xg + i);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      float z = (to_f(p.v[j]) - mu) * k + h;
+      float z = __fmaf_rn(to_f(p.v[j]) - mu, k, h);
       if (Relu) z = z < 0.f ? 0.f : z;
       p.v[j] = from_f<T>(z);
     }
@@ -182,7 +183,7 @@ __global__ void __launch_bounds__(kThreads) nchw_bwd(const T* __restrict__ dy, c
       for (int j = 0; j < V; ++j) {
         const float xm = to_f(px.v[j]) - mu;
         float dz = to_f(pg.v[j]);
-        if (Relu) dz = xm * k + h <= 0.f ? 0.f : dz;
+        if (Relu) dz = __fmaf_rn(xm, k, h) <= 0.f ? 0.f : dz;
         s0 += dz;
         s1 += dz * xm;
       }
@@ -209,7 +210,7 @@ __global__ void __launch_bounds__(kThreads) nchw_bwd(const T* __restrict__ dy, c
     for (int j = 0; j < V; ++j) {
       const float xm = to_f(px.v[j]) - mu;
       float dz = to_f(pg.v[j]);
-      if (Relu) dz = xm * k + h <= 0.f ? 0.f : dz;
+      if (Relu) dz = __fmaf_rn(xm, k, h) <= 0.f ? 0.f : dz;
       out.v[j] = from_f<T>(dz * k + xm * q + r);
     }
     store<T, V>(dxg + i, out);
@@ -362,7 +363,7 @@ __global__ void __launch_bounds__(kThreads) nhwc_normalize(const T* __restrict__
     Pack<T, V> p = load<T, V>(x + off + r * t.C);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      float z = (to_f(p.v[j]) - mu[j]) * k[j] + h[j];
+      float z = __fmaf_rn(to_f(p.v[j]) - mu[j], k[j], h[j]);
       if (Relu) z = z < 0.f ? 0.f : z;
       p.v[j] = from_f<T>(z);
     }
@@ -416,7 +417,7 @@ __global__ void __launch_bounds__(kThreads) nhwc_bwd_sums(const T* __restrict__ 
         for (int j = 0; j < V; ++j) {
           const float xm = to_f(px[kk].v[j]) - mu[j];
           float dz = to_f(pg[kk].v[j]);
-          if (Relu) dz = xm * k[j] + h[j] <= 0.f ? 0.f : dz;
+          if (Relu) dz = __fmaf_rn(xm, k[j], h[j]) <= 0.f ? 0.f : dz;
           a0[j] += dz;
           a1[j] += dz * xm;
         }
@@ -498,7 +499,7 @@ __global__ void __launch_bounds__(kThreads) nhwc_bwd_dx(const T* __restrict__ dy
     for (int j = 0; j < V; ++j) {
       const float xm = to_f(px.v[j]) - mu[j];
       float dz = to_f(pg.v[j]);
-      if (Relu) dz = xm * k[j] + h[j] <= 0.f ? 0.f : dz;
+      if (Relu) dz = __fmaf_rn(xm, k[j], h[j]) <= 0.f ? 0.f : dz;
       out.v[j] = from_f<T>(dz * k[j] + xm * q[j] + r[j]);
     }
     store<T, V>(dx + off + row * t.C, out);
@@ -522,20 +523,20 @@ __global__ void __launch_bounds__(kThreads) param_grads(const float* __restrict_
 }
 
 // ------------------------------------------------------------------------------------------------ host
-size_t elem_size(DType dt) { return dt == DType::f32 ? 4 : 2; }
-
-// Samples per NHWC chunk: x (and dy when backward) of a chunk fit in kL2Bytes. Independent of V.
-int64_t chunk_samples(DType dt, const GNArgs& a, int tensors) {
-  const int64_t per = a.S * a.C * int64_t(elem_size(dt)) * tensors;
+// Samples per NHWC chunk: the chunk's tensors (bytes per element summed over x, dy) fit in kL2Bytes.
+int64_t chunk_samples(const GNArgs& a, int64_t bytes) {
+  const int64_t per = a.S * a.C * bytes;
   const int64_t ns = per > 0 ? kL2Bytes / per : a.N;
   return ns < 1 ? 1 : (ns > a.N ? a.N : ns);
 }
 
-// Partials (NS, B, C) floats: sized for the smallest R any V gives (V = 1: TR >= 8).
-int64_t partial_floats(DType dt, const GNArgs& a, int tensors) {
-  const int64_t B = (a.S + int64_t(kRowsPerThread) * 8 - 1) / (int64_t(kRowsPerThread) * 8);
-  return chunk_samples(dt, a, tensors) * B * a.C;
+// Floats in one (NS, B, C) partials array, for the smallest R any V gives (TR >= 8 rows phases).
+int64_t partial_floats(const GNArgs& a, int64_t bytes) {
+  const int64_t R = int64_t(kRowsPerThread) * 8;
+  return chunk_samples(a, bytes) * ((a.S + R - 1) / R) * a.C;
 }
+
+int64_t elem_bytes(DType dt) { return dt == DType::f32 ? 4 : 2; }
 
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -557,8 +558,8 @@ Status fwd_launch(const GNArgs& a, const T* x, const float* w, const float* b, T
     return last_error();
   }
   const Tiles t(a.S, a.C, V);
-  const int64_t NS = chunk_samples(sizeof(T) == 4 ? DType::f32 : DType::f16, a, 1);
-  float *pm = ws, *pq = ws + partial_floats(sizeof(T) == 4 ? DType::f32 : DType::f16, a, 1);
+  const int64_t NS = chunk_samples(a, sizeof(T));
+  float *pm = ws, *pq = ws + partial_floats(a, sizeof(T));
   for (int64_t n0 = 0; n0 < a.N; n0 += NS) {
     const int64_t ns = a.N - n0 < NS ? a.N - n0 : NS, tiles = ns * t.B * t.CB;
     if (tiles > kMaxGrid) return "group_norm: input too large for the CUDA grid";
@@ -574,7 +575,6 @@ template <typename T, int V, bool Relu>
 Status bwd_launch(const GNArgs& a, const T* dy, const T* x, const float* w, const float* b, const float* mean,
                   const float* rstd, T* dx, float* dw, float* db, float* ws, cudaStream_t st) {
   const int64_t D = a.C / a.G;
-  const DType dt = sizeof(T) == 4 ? DType::f32 : DType::f16;
   float *sdz = ws, *sdzxm = ws + a.N * a.C;
   if (!a.channels_last) {
     if (a.N * a.G > kMaxGrid) return "group_norm: N * num_groups exceeds the CUDA grid limit";
@@ -582,9 +582,9 @@ Status bwd_launch(const GNArgs& a, const T* dy, const T* x, const float* w, cons
                                                                   sdzxm);
   } else {
     const Tiles t(a.S, a.C, V);
-    const int64_t NS = chunk_samples(dt, a, 2), P = partial_floats(dt, a, 2);
+    const int64_t NS = chunk_samples(a, 2 * sizeof(T)), P = partial_floats(a, 2 * sizeof(T));
     float *p0 = sdzxm + a.N * a.C, *p1 = p0 + P;
-    float2* qr = reinterpret_cast<float2*>(p1 + P);  // (N, G); offset is even: 16-byte alignment not needed
+    float2* qr = reinterpret_cast<float2*>(p1 + P);  // (N, G); an even float offset: 8-byte aligned
     for (int64_t n0 = 0; n0 < a.N; n0 += NS) {
       const int64_t ns = a.N - n0 < NS ? a.N - n0 : NS, tiles = ns * t.B * t.CB;
       if (tiles > kMaxGrid) return "group_norm: input too large for the CUDA grid";
@@ -634,13 +634,13 @@ Status bwd_typed(const GNArgs& a, const void* dy, const void* x, const void* w, 
 
 size_t group_norm_fwd_cuda_workspace(DType dt, const GNArgs& a) {
   if (!a.channels_last || dt == DType::f64) return 0;
-  return size_t(2 * partial_floats(dt, a, 1)) * sizeof(float);
+  return size_t(2 * partial_floats(a, elem_bytes(dt))) * sizeof(float);
 }
 
 size_t group_norm_bwd_cuda_workspace(DType dt, const GNArgs& a) {
   if (dt == DType::f64) return 0;
   int64_t floats = 2 * a.N * a.C;  // sdz, sdzxm
-  if (a.channels_last) floats += 2 * partial_floats(dt, a, 2) + 2 * a.N * a.G;  // p0, p1, qr
+  if (a.channels_last) floats += 2 * partial_floats(a, 2 * elem_bytes(dt)) + 2 * a.N * a.G;  // p0, p1, qr
   return size_t(floats) * sizeof(float);
 }
 

@@ -3,8 +3,18 @@ import json
 import os
 
 import pytest
+import torch
 
 from bitfast.train import cli
+
+
+@pytest.fixture
+def one_thread():
+    """The CI/dev machines share 2 cores between jobs; 2 OpenMP threads under contention are ~10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def test_bare_command_suggests_the_demo(capsys):
@@ -46,7 +56,7 @@ def test_bad_input_is_one_clear_line(capsys, tmp_path):
     assert "examples_per_class=900" in capsys.readouterr().err
 
 
-def test_demo_end_to_end_reduced(tmp_path, capsys):
+def test_demo_end_to_end_reduced(tmp_path, capsys, one_thread):
     out = str(tmp_path / "demo")
     assert cli.main(["demo", "--quick", "--no-progress", "--out", out]) == 0
     text = capsys.readouterr().out

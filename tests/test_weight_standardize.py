@@ -151,12 +151,15 @@ def test_compile_fullgraph_stdconv_block():
         torch.testing.assert_close(a, weight_standardize(w, 1e-10))
 
 
-def test_equals_timm_formula_eps_1e8():
-    conv = StdConv2d(16, 32, 3, padding=1, eps=1e-8)
-    x = torch.randn(2, 16, 7, 7)
+@pytest.mark.parametrize("cin,cout,k,groups", [(16, 32, 3, 1), (16, 32, 3, 4), (16, 16, 3, 16), (3, 8, 1, 1)],
+                         ids=["dense", "grouped", "depthwise", "1x1-cin3"])
+def test_equals_timm_formula_eps_1e8(cin, cout, k, groups):
+    conv = StdConv2d(cin, cout, k, padding=k // 2, groups=groups, eps=1e-8)
+    x = torch.randn(2, cin, 7, 7)
     w = conv.weight.detach()
     torch.testing.assert_close(weight_standardize(w, 1e-8), timm_ws(w, 1e-8), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(conv(x), F.conv2d(x, timm_ws(w, 1e-8), None, 1, 1), rtol=1e-4, atol=1e-5)
+    expect = F.conv2d(x, timm_ws(w, 1e-8), None, 1, k // 2, 1, groups)
+    torch.testing.assert_close(conv(x), expect, rtol=1e-4, atol=1e-5)
     assert list(conv.state_dict()) == ["weight"]  # timm StdConv2d keys (bias=False)
 
 
@@ -280,3 +283,25 @@ def test_non_dense_weight_is_copied_not_misread():
     w = torch.randn(6, 4, 3, 3).transpose(2, 3)  # neither contiguous nor channels_last
     torch.testing.assert_close(weight_standardize(w, 1e-8), timm_ws(w, 1e-8), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(weight_standardize_many([w], 1e-8)[0], timm_ws(w, 1e-8), rtol=1e-5, atol=1e-6)
+
+
+def test_standardize_conv_weights_feeds_a_model():
+    """One multi-tensor call at the start of forward feeds every conv; grads equal the per-layer path's."""
+    from bitfast.ops.weight_standardize_many import standardize_conv_weights
+
+    convs = [StdConv2d(3, 8, 3, padding=1), StdConv2d(8, 8, 1, eps=1e-8), StdConv2d(8, 4, 3, padding=1, groups=4)]
+    x = torch.randn(2, 3, 6, 6)
+
+    def forward(std_ws):
+        h = x
+        for conv, w in zip(convs, std_ws):
+            h = torch.relu(conv(h, w))
+        return h.square().sum()
+
+    forward(standardize_conv_weights(convs)).backward()
+    many = [c.weight.grad.clone() for c in convs]
+    for c in convs:
+        c.weight.grad = None
+    forward([None] * len(convs)).backward()  # each StdConv2d standardizes its own weight
+    for c, g in zip(convs, many):
+        assert torch.equal(c.weight.grad, g)

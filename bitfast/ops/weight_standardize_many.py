@@ -126,3 +126,16 @@ def weight_standardize_many(weights, eps=1e-10, out_dtype=None, backend=None):
     name = _backend.resolve("weight_standardize", backend, ws[0].device.type)
     ys, _mean, _rstd = _fwd(ws, float(eps), out_dtype, name)
     return ys
+
+
+def standardize_conv_weights(convs, out_dtype=None, backend=None):
+    """Standardized weights of `convs` (modules with .weight and .eps, e.g. every bitfast.nn.StdConv2d of a model),
+    from one weight_standardize_many call per distinct eps (BiT uses one). Returns a list aligned with `convs`, to
+    pass as `conv(x, std_weight)`. Under autocast pass out_dtype=bitfast.ops.std_conv2d_autocast_dtype(device)."""
+    convs = list(convs)
+    out = [None] * len(convs)
+    for eps in dict.fromkeys(float(c.eps) for c in convs):
+        idx = [i for i, c in enumerate(convs) if float(c.eps) == eps]
+        for i, y in zip(idx, weight_standardize_many([convs[i].weight for i in idx], eps, out_dtype, backend)):
+            out[i] = y
+    return out

@@ -4,6 +4,7 @@ Written by rank 0 only: torch.save to <name>.tmp, flush + fsync, os.replace over
 A crash mid-write leaves the previous checkpoint intact. Loaded with weights_only=True (plain containers and
 tensors only, so RNG states are stored as tensors and lists).
 """
+import hashlib
 import os
 import random
 
@@ -66,6 +67,17 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def digest(indices):
+    """Short fingerprint of the training example indices (a few-shot subset, a data folder listing)."""
+    return hashlib.sha256(np.ascontiguousarray(indices, np.int64).tobytes()).hexdigest()[:16]
+
+
+def _same(key, a, b):
+    if key in ("data", "weights") and isinstance(a, str) and isinstance(b, str) and os.path.exists(b):
+        return os.path.realpath(a) == os.path.realpath(b)  # the same path written another way
+    return a == b
+
+
 def config_mismatch(saved, current):
     """Names of math-relevant config keys whose values differ (for a clear resume error)."""
-    return [k for k in MATH_KEYS if saved.get(k) != current.get(k)]
+    return [k for k in MATH_KEYS if not _same(k, saved.get(k), current.get(k))]

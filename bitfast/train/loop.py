@@ -145,7 +145,8 @@ def save(S, step, name="last.pt"):
         ck.save_atomic({"format": ck.FORMAT, "step": step, "model": S.model.state_dict(),
                         "optimizer": S.opt.state_dict(), "scaler": S.scaler.state_dict() if S.scaler else None,
                         "rng": ck.rng_state(), "sampler": {"step": step, "seed": S.cfg.seed, "batch": S.recipe.batch,
-                                                          "indices": torch.from_numpy(S.indices)},
+                                                          "examples": len(S.indices),
+                                                          "examples_sha256": ck.digest(S.indices)},
                         "config": dataclasses.asdict(S.cfg), "recipe": dataclasses.asdict(S.recipe),
                         "bad_images": sorted(S.bad), "wall_s": S.wall_before + time.time() - S.t_start,
                         "train_images": S.images_before + S.images}, os.path.join(S.cfg.out, name))
@@ -165,7 +166,7 @@ def resume_point(S):
         diff = ", ".join(f"{k}: {state['config'].get(k)!r} -> {getattr(S.cfg, k)!r}" for k in bad)
         raise ValueError(f"resume: {path} was written with different settings ({diff}); "
                          "use a new --out, or the original settings")
-    if not np.array_equal(state["sampler"]["indices"].numpy(), S.indices):
+    if state["sampler"]["examples_sha256"] != ck.digest(S.indices):
         raise ValueError(f"resume: the training examples differ from those in {path} (did the data change?)")
     S.model.load_state_dict(state["model"])
     S.opt.load_state_dict(state["optimizer"])
@@ -186,8 +187,9 @@ def setup(cfg, world, model=None):
     S.indices = D.fewshot_indices(train_src.labels, cfg.examples_per_class, cfg.seed)
     S.recipe = C.resolve(cfg, len(S.indices), train_src.image_hw(), len(train_src.classes), world.size)
     S.train_src = train_src
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     S.workers = cfg.workers if cfg.workers is not None else (
-        0 if train_src.in_memory else min(8, max(1, (os.cpu_count() or 1) // max(1, torch.cuda.device_count()))))
+        0 if train_src.in_memory else min(8, max(1, (os.cpu_count() or 1) // local_world)))
     S.pin = world.device.type == "cuda"
     S.model = (model if model is not None else build_model(cfg, S.recipe.num_classes)).to(world.device)
     if cfg.channels_last:
@@ -247,9 +249,9 @@ def _run(S, stop):
         from tqdm.auto import tqdm
         bar = tqdm(total=total, initial=start, desc=cfg.mode, unit="step", dynamic_ncols=True)
     S.t_start = time.time()
-    train_time, window, win_loss, win_n, win_t, step = 0.0, 0, 0.0, 0.0, time.time(), start
+    other, window, win_loss, win_n, win_t, step = 0.0, 0, 0.0, 0.0, time.time(), start  # other: eval + ckpt time
     for x, y, bad in D.loader(D.View(S.train_src, r, upstream=cfg.mode == "upstream"), sampler, S.workers, S.pin):
-        t0, lr = time.time(), lr_at(step, r.supports, r.lr)
+        lr = lr_at(step, r.supports, r.lr)
         S.bad.update(bad)
         for g in S.opt.param_groups:
             g["lr"] = lr
@@ -269,7 +271,6 @@ def _run(S, stop):
         S.opt.zero_grad(set_to_none=True)
         step += 1
         S.images += int(n)
-        train_time += time.time() - t0
         window, win_loss, win_n = window + 1, win_loss + loss, win_n + n
         if world.main and (step % cfg.log_every == 0 or step == end_this_run):
             ips = win_n / max(time.time() - win_t, 1e-9)
@@ -281,6 +282,7 @@ def _run(S, stop):
             bar.update(1)
         for b in bad:
             (bar.write if bar else S.log)(f"warning: skipped unreadable image {b}")
+        t0 = time.time()
         if stopping or step == end_this_run or step % ckpt_every == 0:
             save(S, step)
         if stopping:
@@ -292,6 +294,8 @@ def _run(S, stop):
             if world.main:
                 metrics.write("eval", step, **ev)
             win_t = time.time()
+        other += time.time() - t0
+    train_time = time.time() - S.t_start - other
     if bar:
         bar.close()
     if step < total:
