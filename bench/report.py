@@ -203,7 +203,7 @@ def kernels_section(records):
         if gb is None and r.get("bytes") and r.get("median_ms"):
             gb = r["bytes"] / (r["median_ms"] * 1e-3) / 1e9
         frac = gb / r["copy_gbps"] if gb and r.get("copy_gbps") else None
-        rows.append([r["suite"], r["name"], _params(r.get("params")), _num(r.get("median_ms"), "{:.4f}"), _iqr(r),
+        rows.append([r["suite"], r["name"], _params(r.get("params")), _num(r.get("median_ms"), "{:.4g}"), _iqr(r),
                      _num(gb), _num(r.get("copy_gbps")), _num(None if frac is None else 100 * frac, "{:.0f}%")])
     if not rows:
         return []

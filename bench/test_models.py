@@ -234,7 +234,10 @@ def run_setting(s, cfgs, batch=None, res=None, built=None):
         except RuntimeError as e:
             if not (T.ON_GPU and is_oom(e)):
                 raise
+            steps.pop(name, None)
+        if name not in steps:  # out of memory: free it outside the except block (its traceback holds tensors)
             built.pop(name, None)
+            model = fn = opt = step = None  # noqa: F841 (drop the last references before freeing)
             free_memory()
             records.append(T.record("models", f"{s.id}/{name}", params=_params(s, cfg, batch, res),
                                     skipped=f"out of memory at batch {batch}"))
@@ -344,7 +347,7 @@ def test_max_batch(cfg):
     s = Setting(R50, "train", "eager", "bf16", "channels_last", 224, 0, True)
     model, fn, opt = build(cfg, s)
 
-    def fits(b):
+    def two_steps(b):
         x, y = make_data(s, batch=b)
         try:
             step = make_step(fn, opt, x, y, s)
@@ -356,12 +359,15 @@ def test_max_batch(cfg):
                 raise
             opt.zero_grad(set_to_none=True)
             return False
-        finally:
-            del x, y
-            free_memory()
+
+    def fits(b):
+        ok = two_steps(b)
+        free_memory()  # after two_steps returned: its batch, activations and traceback are gone
+        return ok
 
     best, capped = largest_batch(fits, start=32 if T.QUICK else 128, cap=256 if T.QUICK else CAP_BATCH)
+    total = torch.cuda.get_device_properties(T.DEVICE).total_memory
     T.write_records([T.record("max_batch", f"{R50}-224/{label(cfg)}", params=_params(s, cfg, best, 224),
-                              max_batch=best, capped=capped, total_mem_bytes=torch.cuda.get_device_properties(0).total_memory)])
+                              max_batch=best, capped=capped, total_mem_bytes=total)])
     print(f"{label(cfg)}: largest batch {best}{' (cap)' if capped else ''}")
     assert best > 0, f"{label(cfg)}: not even the smallest batch fits"
