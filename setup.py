@@ -30,10 +30,17 @@ def extension():
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     reason = cuda_build_reason()
     if reason is None:
+        # ATen/cuda/CUDAContext.h (bindings.cpp) includes cusparse.h etc., which pip's torch ships under
+        # site-packages/nvidia/*/include rather than in the toolkit.
+        import torch
+
+        site = os.path.dirname(os.path.dirname(torch.__file__))
+        nvidia_includes = sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
         print("bitfast: building CUDA kernels for TORCH_CUDA_ARCH_LIST=" + os.environ["TORCH_CUDA_ARCH_LIST"])
         return cpp_extension.CUDAExtension(
             "bitfast._C",
             sources + sorted(glob.glob("csrc/*.cu")),
+            include_dirs=nvidia_includes,
             define_macros=[("BITFAST_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=["-fopenmp"],

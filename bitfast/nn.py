@@ -1,4 +1,6 @@
 """Drop-in modules backed by bitfast ops. They keep the state_dict keys of their torch/timm counterparts."""
+import weakref
+
 import torch
 from torch import nn
 
@@ -50,18 +52,20 @@ class StdConv2d(nn.Conv2d):
                          device=device, dtype=dtype)
         self.eps = eps
         self.backend = backend
-        self._cache = None  # (key, standardized weight), eval mode only
+        self._cache = None  # (weakref to weight, key, standardized weight), eval mode only
 
     def standardized_weight(self, dtype=None):
         return ops.weight_standardize(self.weight, self.eps, out_dtype=dtype, backend=self.backend)
 
     def _cached_weight(self, dtype):
+        # Identity by weakref, not data_ptr: a new Parameter can reuse a freed one's address at version 0.
         w = self.weight
-        key = (w.data_ptr(), w._version, w.device, w.dtype, dtype, self.eps)
-        if self._cache is None or self._cache[0] != key:
+        key = (w._version, w.device, w.dtype, dtype, self.eps)
+        c = self._cache
+        if c is None or c[0]() is not w or c[1] != key:
             with torch.no_grad():
-                self._cache = (key, self.standardized_weight(dtype))
-        return self._cache[1]
+                c = self._cache = (weakref.ref(w), key, self.standardized_weight(dtype))
+        return c[2]
 
     def forward(self, x, std_weight=None):
         if std_weight is None:

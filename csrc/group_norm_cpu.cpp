@@ -9,14 +9,16 @@
 //   dx = dz * (rstd * w[c]) + (x - mean) * (-rstd^2 c2) - rstd c1
 // Layouts. NCHW, x is (N, C, S): one task per (n, g), whose C/G * S elements are contiguous and small enough to stay
 // in L2 between the stats pass and the output pass; the pieces are kChunk-element chunks, two-pass while in L1.
-// NHWC, x is (N, S, C): tasks are (n, block of R rows); a block gives per-channel two-pass moments (SIMD across
-// channels), blocks merge per channel in a fixed order, then a group's channels merge into the group. Samples are
-// processed a cache-sized chunk at a time, so the output pass re-reads x (and dy) from cache, not DRAM.
+// NHWC, x is (N, S, C): blocks of R rows; a block gives per-channel two-pass moments (SIMD across channels), blocks
+// merge per channel in a fixed order, then a group's channels merge into the group. A thread runs whole samples
+// when there are enough of them, else the blocks of a cache-sized chunk of samples run in parallel; either way the
+// output pass re-reads x (and dy) from cache, not DRAM.
 // Sums run on x - (an element of the same sample), so a large common offset (x = 1000 + noise) loses no bits.
 // Every summation order is fixed by the shape alone: bit-identical results run to run, for any thread count and for
 // both the AVX2 and the baseline clone of a task function (no FMA contraction: -std=c++17 implies -ffp-contract=off).
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -247,117 +249,142 @@ BITFAST_CLONES void block_bwd_dx(const T* __restrict__ dy, const T* __restrict__
   }
 }
 
-// NHWC work split: blocks of R rows (B per sample), samples in chunks of NS (a chunk's x and dy fit in cache).
+// NHWC work split: blocks of R rows (B per sample). With at least 2 samples per thread, each thread runs whole
+// samples (one parallel region, no barrier inside: robust when cores are shared); otherwise samples go in chunks of
+// NS (a chunk's x and dy fit in cache) and every phase is a parallel loop over the chunk's blocks. The math and its
+// order are the same either way.
 struct NhwcSplit {
   int64_t R, B, NS;
+  bool per_sample;
   NhwcSplit(const GNArgs& a) {
     R = std::min(a.S, std::max(kMinRows, kBlockElems / a.C));
     B = (a.S + R - 1) / R;
     NS = std::max<int64_t>(1, std::min(a.N, kCacheElems / (a.S * a.C)));
+    per_sample = a.N >= 2 * omp_get_max_threads();
   }
   int64_t rows(int64_t blk, int64_t S) const { return std::min(R, S - blk * R); }
+  // Calls f(n0, ns, inner_parallel) over all samples as described above; f gets its own scratch per call.
+  template <typename F> void run(const GNArgs& a, F&& f) const {
+    const bool par = a.N * a.C * a.S >= kParallelMin;
+    if (per_sample) {
+#pragma omp parallel for schedule(static) if (par)
+      for (int64_t n = 0; n < a.N; ++n) f(n, int64_t(1), false);
+    } else {
+      for (int64_t n0 = 0; n0 < a.N; n0 += NS) f(n0, std::min(NS, a.N - n0), par);
+    }
+  }
 };
+
+// Samples [n0, n0 + ns): block moments -> group stats -> normalize.
+template <bool Relu, typename T, typename A>
+void fwd_nhwc_samples(const GNArgs& a, const NhwcSplit& sp, const T* x, const A* w, const A* b, T* y, A* mean,
+                      A* rstd, int64_t n0, int64_t ns, bool par) {
+  const int64_t C = a.C, S = a.S, G = a.G, D = C / G;
+  std::vector<A> pm(ns * sp.B * C), pq(ns * sp.B * C);  // (ns, B, C): block moments of x - x[n, 0, :]
+  std::vector<A> mu(ns * C), k(ns * C), h(ns * C);      // (ns, C): group mean, rstd * w, b
+#pragma omp parallel for schedule(static) if (par)
+  for (int64_t t = 0; t < ns * sp.B; ++t) {
+    const int64_t n = n0 + t / sp.B, blk = t % sp.B;
+    block_moments(x + (n * S + blk * sp.R) * C, x + n * S * C, sp.rows(blk, S), C, &pm[t * C], &pq[t * C]);
+  }
+#pragma omp parallel for schedule(static) if (par)
+  for (int64_t ig = 0; ig < ns * G; ++ig) {
+    // Channel moments (blocks merged in order), then the group: channels hold S elements each, so the group mean
+    // is their plain average. Means stay relative to ref = x[n, 0, c0] (x[n, 0, c] - ref is small).
+    const int64_t i = ig / G, n = n0 + i, c0 = (ig % G) * D;
+    const T* x0 = x + n * S * C;
+    const A ref = ld<T, A>(x0, c0);
+    std::vector<Moments<A>> ch(D);
+    A gmean = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      for (int64_t blk = 0; blk < sp.B; ++blk) {
+        const int64_t j = (i * sp.B + blk) * C + c0 + d;
+        chan_merge(ch[d], static_cast<A>(sp.rows(blk, S)), pm[j], pq[j]);
+      }
+      ch[d].mean += ld<T, A>(x0, c0 + d) - ref;
+      gmean += ch[d].mean;
+    }
+    gmean /= static_cast<A>(D);
+    A m2 = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      const A dm = ch[d].mean - gmean;
+      m2 += ch[d].m2 + static_cast<A>(S) * dm * dm;
+    }
+    const A rs = rsqrt_var(m2, D * S, a.eps);
+    mean[n * G + ig % G] = ref + gmean;
+    rstd[n * G + ig % G] = rs;
+    for (int64_t c = c0; c < c0 + D; ++c) {
+      mu[i * C + c] = ref + gmean;
+      k[i * C + c] = w ? rs * w[c] : rs;
+      h[i * C + c] = b ? b[c] : A(0);
+    }
+  }
+#pragma omp parallel for schedule(static) if (par)
+  for (int64_t t = 0; t < ns * sp.B; ++t) {
+    const int64_t i = t / sp.B, blk = t % sp.B, off = ((n0 + i) * S + blk * sp.R) * C;
+    block_normalize<Relu>(x + off, y + off, sp.rows(blk, S), C, &mu[i * C], &k[i * C], &h[i * C]);
+  }
+}
 
 template <bool Relu, typename T, typename A>
 void fwd_nhwc(const GNArgs& a, const T* x, const A* w, const A* b, T* y, A* mean, A* rstd) {
-  const int64_t C = a.C, S = a.S, G = a.G, D = C / G;
   const NhwcSplit sp(a);
-  const bool par = a.N * C * S >= kParallelMin;
-  std::vector<A> pm(sp.NS * sp.B * C), pq(sp.NS * sp.B * C);  // (NS, B, C): block moments of x - x[n, 0, :]
-  std::vector<A> mu(sp.NS * C), k(sp.NS * C), h(sp.NS * C);   // (NS, C): group mean, rstd * w, b
-  for (int64_t n0 = 0; n0 < a.N; n0 += sp.NS) {
-    const int64_t ns = std::min(sp.NS, a.N - n0);
+  sp.run(a, [&](int64_t n0, int64_t ns, bool par) {
+    fwd_nhwc_samples<Relu>(a, sp, x, w, b, y, mean, rstd, n0, ns, par);
+  });
+}
+
+// Samples [n0, n0 + ns): block sums -> per-(n, c) sums and group coefficients -> dx.
+template <bool Relu, typename T, typename A>
+void bwd_nhwc_samples(const GNArgs& a, const NhwcSplit& sp, const T* dy, const T* x, const A* w, const A* b,
+                      const A* mean, const A* rstd, T* dx, A* sdz, A* sdzxm, int64_t n0, int64_t ns, bool par) {
+  const int64_t C = a.C, S = a.S, G = a.G, D = C / G;
+  std::vector<A> p0(ns * sp.B * C), p1(ns * sp.B * C);  // (ns, B, C): block sums of dz, dz * (x - mean)
+  // (ns, C): dz = dy * [(x - mu) * k + h > 0],  dx = dz * k + (x - mu) * q + r
+  std::vector<A> mu(ns * C), k(ns * C), h(ns * C), q(ns * C), r(ns * C);
+  for (int64_t ic = 0; ic < ns * C; ++ic) {
+    const int64_t c = ic % C, ng = (n0 + ic / C) * G + c / D;
+    mu[ic] = mean[ng];
+    k[ic] = w ? rstd[ng] * w[c] : rstd[ng];
+    h[ic] = b ? b[c] : A(0);
+  }
 #pragma omp parallel for schedule(static) if (par)
-    for (int64_t t = 0; t < ns * sp.B; ++t) {
-      const int64_t n = n0 + t / sp.B, blk = t % sp.B;
-      block_moments(x + (n * S + blk * sp.R) * C, x + n * S * C, sp.rows(blk, S), C, &pm[t * C], &pq[t * C]);
-    }
+  for (int64_t t = 0; t < ns * sp.B; ++t) {
+    const int64_t i = t / sp.B, blk = t % sp.B, off = ((n0 + i) * S + blk * sp.R) * C;
+    block_bwd_sums<Relu>(dy + off, x + off, sp.rows(blk, S), C, &mu[i * C], &k[i * C], &h[i * C], &p0[t * C],
+                         &p1[t * C]);
+  }
 #pragma omp parallel for schedule(static) if (par)
-    for (int64_t ig = 0; ig < ns * G; ++ig) {
-      // Channel moments (blocks merged in order), then the group: channels hold S elements each, so the group mean
-      // is their plain average. Means stay relative to ref = x[n, 0, c0] (x[n, 0, c] - ref is small).
-      const int64_t i = ig / G, n = n0 + i, c0 = (ig % G) * D;
-      const T* x0 = x + n * S * C;
-      const A ref = ld<T, A>(x0, c0);
-      std::vector<Moments<A>> ch(D);
-      A gmean = 0;
-      for (int64_t d = 0; d < D; ++d) {
-        for (int64_t blk = 0; blk < sp.B; ++blk) {
-          const int64_t j = (i * sp.B + blk) * C + c0 + d;
-          chan_merge(ch[d], static_cast<A>(sp.rows(blk, S)), pm[j], pq[j]);
-        }
-        ch[d].mean += ld<T, A>(x0, c0 + d) - ref;
-        gmean += ch[d].mean;
-      }
-      gmean /= static_cast<A>(D);
-      A m2 = 0;
-      for (int64_t d = 0; d < D; ++d) {
-        const A dm = ch[d].mean - gmean;
-        m2 += ch[d].m2 + static_cast<A>(S) * dm * dm;
-      }
-      const A rs = rsqrt_var(m2, D * S, a.eps);
-      mean[n * G + ig % G] = ref + gmean;
-      rstd[n * G + ig % G] = rs;
-      for (int64_t c = c0; c < c0 + D; ++c) {
-        mu[i * C + c] = ref + gmean;
-        k[i * C + c] = w ? rs * w[c] : rs;
-        h[i * C + c] = b ? b[c] : A(0);
-      }
+  for (int64_t ig = 0; ig < ns * G; ++ig) {
+    const int64_t i = ig / G, n = n0 + i, c0 = (ig % G) * D;
+    A gw = 0, gwxm = 0;
+    for (int64_t c = c0; c < c0 + D; ++c) {
+      A t0 = 0, t1 = 0;
+      for (int64_t blk = 0; blk < sp.B; ++blk) t0 += p0[(i * sp.B + blk) * C + c], t1 += p1[(i * sp.B + blk) * C + c];
+      sdz[n * C + c] = t0;
+      sdzxm[n * C + c] = t1;
+      const A wc = w ? w[c] : A(1);
+      gw += wc * t0;
+      gwxm += wc * t1;
     }
+    const A rs = rstd[n * G + ig % G], M = static_cast<A>(D * S), c1 = gw / M, c2 = rs * gwxm / M;
+    for (int64_t c = c0; c < c0 + D; ++c) q[i * C + c] = -rs * rs * c2, r[i * C + c] = -rs * c1;
+  }
 #pragma omp parallel for schedule(static) if (par)
-    for (int64_t t = 0; t < ns * sp.B; ++t) {
-      const int64_t i = t / sp.B, blk = t % sp.B, off = ((n0 + i) * S + blk * sp.R) * C;
-      block_normalize<Relu>(x + off, y + off, sp.rows(blk, S), C, &mu[i * C], &k[i * C], &h[i * C]);
-    }
+  for (int64_t t = 0; t < ns * sp.B; ++t) {
+    const int64_t i = t / sp.B, blk = t % sp.B, off = ((n0 + i) * S + blk * sp.R) * C;
+    block_bwd_dx<Relu>(dy + off, x + off, dx + off, sp.rows(blk, S), C, &mu[i * C], &k[i * C], &h[i * C],
+                       &q[i * C], &r[i * C]);
   }
 }
 
 template <bool Relu, typename T, typename A>
 void bwd_nhwc(const GNArgs& a, const T* dy, const T* x, const A* w, const A* b, const A* mean, const A* rstd, T* dx,
               A* sdz, A* sdzxm) {
-  const int64_t C = a.C, S = a.S, G = a.G, D = C / G;
   const NhwcSplit sp(a);
-  const bool par = a.N * C * S >= kParallelMin;
-  std::vector<A> p0(sp.NS * sp.B * C), p1(sp.NS * sp.B * C);  // (NS, B, C): block sums of dz, dz * (x - mean)
-  // (NS, C): dz = dy * [(x - mu) * k + h > 0],  dx = dz * k + (x - mu) * q + r
-  std::vector<A> mu(sp.NS * C), k(sp.NS * C), h(sp.NS * C), q(sp.NS * C), r(sp.NS * C);
-  for (int64_t n0 = 0; n0 < a.N; n0 += sp.NS) {
-    const int64_t ns = std::min(sp.NS, a.N - n0);
-    for (int64_t ic = 0; ic < ns * C; ++ic) {
-      const int64_t c = ic % C, ng = (n0 + ic / C) * G + c / D;
-      mu[ic] = mean[ng];
-      k[ic] = w ? rstd[ng] * w[c] : rstd[ng];
-      h[ic] = b ? b[c] : A(0);
-    }
-#pragma omp parallel for schedule(static) if (par)
-    for (int64_t t = 0; t < ns * sp.B; ++t) {
-      const int64_t i = t / sp.B, blk = t % sp.B, off = ((n0 + i) * S + blk * sp.R) * C;
-      block_bwd_sums<Relu>(dy + off, x + off, sp.rows(blk, S), C, &mu[i * C], &k[i * C], &h[i * C], &p0[t * C],
-                           &p1[t * C]);
-    }
-#pragma omp parallel for schedule(static) if (par)
-    for (int64_t ig = 0; ig < ns * G; ++ig) {
-      const int64_t i = ig / G, n = n0 + i, c0 = (ig % G) * D;
-      A gw = 0, gwxm = 0;
-      for (int64_t c = c0; c < c0 + D; ++c) {
-        A t0 = 0, t1 = 0;
-        for (int64_t blk = 0; blk < sp.B; ++blk) t0 += p0[(i * sp.B + blk) * C + c], t1 += p1[(i * sp.B + blk) * C + c];
-        sdz[n * C + c] = t0;
-        sdzxm[n * C + c] = t1;
-        const A wc = w ? w[c] : A(1);
-        gw += wc * t0;
-        gwxm += wc * t1;
-      }
-      const A rs = rstd[n * G + ig % G], M = static_cast<A>(D * S), c1 = gw / M, c2 = rs * gwxm / M;
-      for (int64_t c = c0; c < c0 + D; ++c) q[i * C + c] = -rs * rs * c2, r[i * C + c] = -rs * c1;
-    }
-#pragma omp parallel for schedule(static) if (par)
-    for (int64_t t = 0; t < ns * sp.B; ++t) {
-      const int64_t i = t / sp.B, blk = t % sp.B, off = ((n0 + i) * S + blk * sp.R) * C;
-      block_bwd_dx<Relu>(dy + off, x + off, dx + off, sp.rows(blk, S), C, &mu[i * C], &k[i * C], &h[i * C],
-                         &q[i * C], &r[i * C]);
-    }
-  }
+  sp.run(a, [&](int64_t n0, int64_t ns, bool par) {
+    bwd_nhwc_samples<Relu>(a, sp, dy, x, w, b, mean, rstd, dx, sdz, sdzxm, n0, ns, par);
+  });
 }
 
 // dweight[c] = sum_n rstd[n, g] * sdzxm[n, c],  dbias[c] = sum_n sdz[n, c], n in increasing order.

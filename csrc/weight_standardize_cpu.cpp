@@ -23,7 +23,7 @@ namespace {
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
 
-constexpr int64_t kChunk = 2048;       // elements per float partial sum
+constexpr int64_t kChunk = 2048;           // elements per float partial sum
 constexpr int64_t kParallelMin = 1 << 15;  // below this many elements a call stays on one thread
 
 template <typename T, typename A> inline A ld(T v) { return static_cast<A>(v); }

@@ -182,3 +182,11 @@ def test_corrupt_images_do_not_stop_a_run(tmp_path):
     summary = loop.train(cfg, model=tiny(3))
     assert summary["steps"] == 6 and summary["eval_images"] == 9
     assert sorted(s.split(" (")[0] for s in summary["skipped_images"]) == sorted(bad)
+
+
+def test_bf16_channels_last_and_batch_split_run_on_cpu(tmp_path):
+    cfg = cfg_for(tmp_path, precision="bf16", channels_last=True, batch_split=2, steps=3, examples_per_class=2)
+    summary = loop.train(cfg, model=tiny())
+    assert summary["steps"] == 3 and 0 <= summary["top1"] <= 1
+    with pytest.raises(ValueError, match="fp16"):
+        loop.train(cfg_for(tmp_path / "b", precision="fp16"), model=tiny())

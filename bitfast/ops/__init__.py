@@ -7,5 +7,5 @@ from bitfast.ops.std_conv2d import autocast_dtype as std_conv2d_autocast_dtype, 
 from bitfast.ops.weight_standardize import weight_standardize, weight_standardize_bwd_ref, weight_standardize_fwd_ref
 from bitfast.ops.weight_standardize_many import weight_standardize_many
 
-__all__ = ["group_norm", "weight_standardize", "std_conv2d", "group_norm_fwd_ref", "group_norm_bwd_ref",
+__all__ = ["group_norm", "weight_standardize", "weight_standardize_many", "std_conv2d", "std_conv2d_autocast_dtype", "group_norm_fwd_ref", "group_norm_bwd_ref",
            "weight_standardize_fwd_ref", "weight_standardize_bwd_ref"]

@@ -22,22 +22,33 @@ from bitfast.ops._common import FLOAT_DTYPES, acc_dtype, check_float
 
 
 # ------------------------------------------------------------------------------------------------ reference
+def _rows(w, dtype):
+    """w as (O, K) rows in `dtype` (works for O = 0 too, where reshape(O, -1) cannot)."""
+    O = w.shape[0]
+    return w.reshape(O, w.numel() // O if O else 0).to(dtype)
+
+
 def weight_standardize_fwd_ref(w, eps, out_dtype):
-    """Pure-torch forward -> (y, mean, rstd). Also the "torch" backend. Keeps w's memory format."""
-    wf = w.reshape(w.shape[0], -1).to(acc_dtype(w.dtype))  # (O, K)
-    mean = wf.mean(1)
-    var = (wf - mean[:, None]).square().mean(1)
-    rstd = torch.rsqrt(var + eps)
+    """Pure-torch forward -> (y, mean, rstd). Also the "torch" backend. Keeps w's memory format.
+
+    Corrected two-pass (as the kernels): d = w - m0 around the rounded mean m0, then c = mean(d) removes
+    m0's rounding error, so fp32 stays accurate when |mean| >> std.
+    """
+    wf = _rows(w, acc_dtype(w.dtype))  # (O, K)
+    m0 = wf.mean(1, keepdim=True)
+    d = wf - m0
+    c = d.mean(1, keepdim=True)
+    rstd = torch.rsqrt((d.square().mean(1, keepdim=True) - c.square()).clamp_min(0) + eps)
     y = torch.empty_like(w, dtype=out_dtype or w.dtype)
-    y.copy_(((wf - mean[:, None]) * rstd[:, None]).reshape(w.shape))
-    return y, mean, rstd
+    y.copy_(((d - c) * rstd).reshape(w.shape))
+    return y, (m0 + c).squeeze(1), rstd.squeeze(1)
 
 
 def weight_standardize_bwd_ref(dy, w, mean, rstd):
     """Pure-torch backward -> dw in w's dtype and memory format."""
     acc = acc_dtype(w.dtype)
-    yhat = (w.reshape(w.shape[0], -1).to(acc) - mean[:, None]) * rstd[:, None]  # (O, K)
-    g = dy.reshape(dy.shape[0], -1).to(acc)
+    yhat = (_rows(w, acc) - mean[:, None]) * rstd[:, None]  # (O, K)
+    g = _rows(dy, acc)
     dw = rstd[:, None] * (g - g.mean(1, keepdim=True) - yhat * (g * yhat).mean(1, keepdim=True))
     out = torch.empty_like(w)
     out.copy_(dw.reshape(w.shape))

@@ -319,6 +319,7 @@ def finish(S, metrics, start, train_time):
     wall = S.wall_before + time.time() - S.t_start
     trained = S.recipe.steps - start
     summary = dict(top1=ev["top1"], top5=ev["top5"], eval_loss=ev["loss"], eval_images=ev["images"],
+                   num_classes=S.recipe.num_classes,
                    steps=S.recipe.steps, wall_s=wall, img_per_s=S.images / train_time if trained else 0.0,
                    skipped_images=bad, out=S.cfg.out)
     with open(os.path.join(S.cfg.out, "summary.json"), "w") as f:

@@ -78,7 +78,8 @@ def plot(metrics_path, png_path, title=""):
 
 
 def summary_text(s):
-    lines = [f"top-1 {100 * s['top1']:.2f}%  top-5 {100 * s['top5']:.2f}%  on {s['eval_images']:,} eval images",
+    top5 = f"top-5 {100 * s['top5']:.2f}%" if s["num_classes"] > 5 else f"(top-5: {s['num_classes']} classes)"
+    lines = [f"top-1 {100 * s['top1']:.2f}%  {top5}  on {s['eval_images']:,} eval images",
              f"{s['steps']} steps, {s['wall_s']:.1f} s, {s['img_per_s']:.1f} img/s (training)"]
     if s.get("skipped_images"):
         lines.append(f"skipped {len(s['skipped_images'])} unreadable image(s), e.g. {s['skipped_images'][0]}")
