@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bitfast import nn as bnn
+from bitfast.ops import std_conv2d_autocast_dtype
+from bitfast.ops.weight_standardize_many import standardize_conv_weights
 
 
 class Arch(NamedTuple):
@@ -92,6 +94,10 @@ class DownsampleConv(nn.Module):
         return self.conv(x)
 
 
+def _conv(conv, x, std_weight):
+    return conv(x) if std_weight is None else conv(x, std_weight)
+
+
 class PreActBottleneck(nn.Module):
     """x -> [norm1+relu] -> conv1 1x1 -> [norm2+relu] -> conv2 3x3/s -> [norm3+relu] -> conv3 1x1, + shortcut."""
 
@@ -106,12 +112,19 @@ class PreActBottleneck(nn.Module):
         self.norm3 = make_norm(cmid)
         self.conv3 = make_conv(cmid, cout, 1, 1)
 
-    def forward(self, x):  # (N, cin, H, W) -> (N, cout, H/s, W/s)
+    def convs(self):
+        """The block's convs in std_convs() order (downsample first, when there is one)."""
+        return ([self.downsample.conv] if self.downsample is not None else []) + [self.conv1, self.conv2, self.conv3]
+
+    def forward(self, x, std_weights=None):  # (N, cin, H, W) -> (N, cout, H/s, W/s)
+        # std_weights: standardized weights of convs(), precomputed by the model in one batched WS call.
+        wd, w1, w2, w3 = [None] * 4 if std_weights is None else (
+            std_weights if self.downsample is not None else [None, *std_weights])
         xp = self.norm1(x)
-        shortcut = x if self.downsample is None else self.downsample(xp)
-        y = self.conv1(xp)
-        y = self.conv2(self.norm2(y))
-        y = self.conv3(self.norm3(y))
+        shortcut = x if self.downsample is None else _conv(self.downsample.conv, xp, wd)
+        y = _conv(self.conv1, xp, w1)
+        y = _conv(self.conv2, self.norm2(y), w2)
+        y = _conv(self.conv3, self.norm3(y), w3)
         return y + shortcut
 
 
@@ -186,6 +199,9 @@ class ResNetV2(nn.Module):
         self.num_features = cin
         self.norm = make_norm(cin)
         self.head = Head(cin, num_classes)
+        # Standardize all conv weights in one weight_standardize_many launch per step (training / with grad);
+        # without grad in eval mode each StdConv2d's cached weight is cheaper still.
+        self.fused_ws = conv == "ws"
         self._init_weights(zero_head)
 
     @torch.no_grad()
@@ -220,7 +236,14 @@ class ResNetV2(nn.Module):
     def forward_features(self, x):  # (N, in_chans, H, W) -> (N, C, H/32, W/32), after the final GN+ReLU
         if x.dim() != 4 or x.shape[1] != self.config["in_chans"]:
             raise ValueError(f"x must be (N, {self.config['in_chans']}, H, W), got {tuple(x.shape)}")
-        return self.norm(self.stages(self.stem(x)))
+        if not (self.fused_ws and (self.training or torch.is_grad_enabled())):
+            return self.norm(self.stages(self.stem(x)))
+        ws = iter(standardize_conv_weights(self.std_convs(), out_dtype=std_conv2d_autocast_dtype(x.device.type)))
+        x = self.stem.pool(self.stem.pad(self.stem.conv(x, next(ws))))
+        for stage in self.stages:
+            for block in stage.blocks:
+                x = block(x, [next(ws) for _ in range(4 if block.downsample is not None else 3)])
+        return self.norm(x)
 
     def features(self, x):  # (N, in_chans, H, W) -> (N, C) pre-logits
         return self.forward_features(x).mean((2, 3))

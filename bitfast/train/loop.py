@@ -244,48 +244,21 @@ def _run(S, stop):
     eval_every = cfg.eval_every if cfg.eval_every is not None else max(1, total // 5)
     ckpt_every = cfg.ckpt_every if cfg.ckpt_every is not None else max(1, math.ceil(total / 10))
     sampler = D.StreamSampler(S.indices, r.batch, world.rank, world.size, cfg.seed, start, end_this_run)
-    bar = None
-    if world.main and cfg.progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, initial=start, desc=cfg.mode, unit="step", dynamic_ncols=True)
-    S.t_start = time.time()
-    other, window, win_loss, win_n, win_t, step = 0.0, 0, 0.0, 0.0, time.time(), start  # other: eval + ckpt time
+    progress = report.Progress(metrics, total, start, cfg.log_every, cfg.mode, bar=cfg.progress)
+    S.t_start, other, step = time.time(), 0.0, start  # other: time spent in eval and checkpoints
     for x, y, bad in D.loader(D.View(S.train_src, r, upstream=cfg.mode == "upstream"), sampler, S.workers, S.pin):
         lr = lr_at(step, r.supports, r.lr)
-        S.bad.update(bad)
-        for g in S.opt.param_groups:
-            g["lr"] = lr
-        loss, n = forward_backward(S, x, y, step)
-        loss, n, nonfinite, stopping = dist.all_sum(world, [loss if math.isfinite(loss) else 0.0, n,
-                                                            float(not math.isfinite(loss)), float(stop.signum is not None)])
-        if nonfinite:
-            save(S, step)
-            raise NonFiniteLoss(f"loss is not finite (nan/inf) at step {step} (lr {lr:.3g}); stopped without applying "
-                                f"it. Last good checkpoint: {os.path.join(cfg.out, 'last.pt')} (step {step}). "
-                                "Try a lower --lr, --precision fp32, or check the data.")
-        if S.scaler:
-            S.scaler.step(S.opt)
-            S.scaler.update()
-        else:
-            S.opt.step()
-        S.opt.zero_grad(set_to_none=True)
+        loss, n, stopping = train_step(S, x, y, step, lr, stop)
         step += 1
-        S.images += int(n)
-        window, win_loss, win_n = window + 1, win_loss + loss, win_n + n
-        if world.main and (step % cfg.log_every == 0 or step == end_this_run):
-            ips = win_n / max(time.time() - win_t, 1e-9)
-            metrics.write("train", step, loss=win_loss / max(win_n, 1), lr=lr, img_s=ips)
-            if bar:
-                bar.set_postfix(loss=f"{win_loss / max(win_n, 1):.4f}", lr=f"{lr:.2g}", img_s=f"{ips:.0f}")
-            window, win_loss, win_n, win_t = 0, 0.0, 0.0, time.time()
-        if bar:
-            bar.update(1)
+        progress.update(step, loss, n, lr, force=step == end_this_run)
         for b in bad:
-            (bar.write if bar else S.log)(f"warning: skipped unreadable image {b}")
+            progress.warn(f"warning: skipped unreadable image {b}")
+        S.bad.update(bad)
         t0 = time.time()
         if stopping or step == end_this_run or step % ckpt_every == 0:
             save(S, step)
         if stopping:
+            progress.close()
             why = signal.Signals(stop.signum).name if stop.signum else "a signal on another rank"
             S.log(f"\nstopped by {why} at step {step}; checkpoint saved in {cfg.out}; run the same command to resume")
             return dict(stopped=why, step=step)
@@ -293,15 +266,37 @@ def _run(S, stop):
             ev = evaluate(S)
             if world.main:
                 metrics.write("eval", step, **ev)
-            win_t = time.time()
+            progress.restart_window()
         other += time.time() - t0
     train_time = time.time() - S.t_start - other
-    if bar:
-        bar.close()
+    progress.close()
     if step < total:
         S.log(f"stopped after {step - start} steps (stop_after); checkpoint saved in {cfg.out}")
         return dict(stopped="stop_after", step=step)
     return finish(S, metrics, start, train_time)
+
+
+def train_step(S, x, y, step, lr, stop):
+    """One optimizer step at `lr`; returns (global loss sum, global images, stop requested on any rank)."""
+    for g in S.opt.param_groups:
+        g["lr"] = lr
+    loss, n = forward_backward(S, x, y, step)
+    finite = math.isfinite(loss)
+    loss, n, nonfinite, stopping = dist.all_sum(S.world, [loss if finite else 0.0, n, float(not finite),
+                                                          float(stop.signum is not None)])
+    if nonfinite:  # before the update: the checkpoint holds the last good weights
+        save(S, step)
+        raise NonFiniteLoss(f"loss is not finite (nan/inf) at step {step} (lr {lr:.3g}); stopped without applying "
+                            f"it. Last good checkpoint: {os.path.join(S.cfg.out, 'last.pt')} (step {step}). "
+                            "Try a lower --lr, --precision fp32, or check the data.")
+    if S.scaler:
+        S.scaler.step(S.opt)
+        S.scaler.update()
+    else:
+        S.opt.step()
+    S.opt.zero_grad(set_to_none=True)
+    S.images += int(n)
+    return loss, n, bool(stopping)
 
 
 def finish(S, metrics, start, train_time):

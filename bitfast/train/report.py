@@ -1,6 +1,7 @@
 """What a run leaves behind (rank 0 only): metrics.jsonl, TensorBoard events if available, plot.png, summary."""
 import json
 import os
+import time
 
 
 class Metrics:
@@ -33,6 +34,42 @@ class Metrics:
     def close(self):
         if self.tb is not None:
             self.tb.close()
+
+
+class Progress:
+    """Rank 0's view of training: a tqdm bar (step, loss, lr, img/s, ETA) and the train rows of metrics.jsonl.
+    On other ranks (metrics=None) every method does nothing."""
+
+    def __init__(self, metrics, total, start, log_every, desc, bar=True):
+        self.metrics, self.every, self.bar = metrics, log_every, None
+        if metrics is not None and bar:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+        self.restart_window()
+
+    def restart_window(self):  # after an evaluation, so img/s counts training only
+        self.loss, self.n, self.t = 0.0, 0.0, time.time()
+
+    def update(self, step, loss_sum, n, lr, force=False):
+        if self.metrics is None:
+            return
+        self.loss, self.n = self.loss + loss_sum, self.n + n
+        if step % self.every == 0 or force:
+            ips, loss = self.n / max(time.time() - self.t, 1e-9), self.loss / max(self.n, 1)
+            self.metrics.write("train", step, loss=loss, lr=lr, img_s=ips)
+            if self.bar:
+                self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2g}", img_s=f"{ips:.0f}")
+            self.restart_window()
+        if self.bar:
+            self.bar.update(1)
+
+    def warn(self, text):
+        if self.metrics is not None:
+            (self.bar.write if self.bar else print)(text)
+
+    def close(self):
+        if self.bar:
+            self.bar.close()
 
 
 def read_metrics(path):
