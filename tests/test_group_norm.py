@@ -53,11 +53,13 @@ def run_criterion(backend, device, shape, G, dtype, channels_last, relu=True, af
     x = make_x(shape, dtype, device, offset, channels_last)
     w = (1 + 0.5 * torch.randn(C, device=device)) if affine else None
     b = 0.5 * torch.randn(C, device=device) if affine else None
-    dy = torch.randn(shape, dtype=torch.float64, device=device)
     # fp64 truth from the same rounded inputs
     leaves64 = [t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b)]
     pre64 = F.group_norm(leaves64[0], G, leaves64[1], leaves64[2], eps)
     y64 = pre64.relu() if relu else pre64
+    dy = torch.randn(shape, dtype=torch.float64, device=device)
+    if relu:  # no gradient where z ~ 0: there the ReLU mask is decided by rounding (in torch's op as in ours)
+        dy = dy.masked_fill(pre64.detach().abs() < 1e-3, 0.0)
     y64.backward(dy)
     # torch's own op in the same dtype on the contiguous input; fp32 params where torch takes mixed dtypes
     lc = [t.detach().contiguous().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
@@ -81,21 +83,25 @@ def run_criterion(backend, device, shape, G, dtype, channels_last, relu=True, af
         assert torch.isfinite(ours).all(), f"{name}: non-finite values (unwritten output?)"
         atol = (1e-6 if dtype in (torch.float32, torch.float64) else 1e-5) * max(1.0, ref.abs().max().item())
         e, ec = err(ours, ref), err(comp, ref)
-        assert e <= 2 * ec + atol, f"{name}: err {e:.3g} > 2 * torch err {ec:.3g} + {atol:.3g}"
+        assert e <= 2 * ec + atol, (f"{name}: err {e:.3g} > 2 * torch err {ec:.3g} + {atol:.3g} "
+                                    f"({backend}, {shape}, G={G}, {dtype}, channels_last={channels_last})")
     if relu:  # exact zeros where the reference is clearly negative before the ReLU
         assert (yt[pre64.detach() < -1e-2] == 0).all()
 
 
 def random_shape():
-    """A fresh odd shape each run: N in 1..3, G in {1, 4, 32}, C/G in {1, 2, 4, 8}, H, W in 1..20."""
-    G = random.choice([1, 4, 32])
-    return (random.randint(1, 3), G * random.choice([1, 2, 4, 8]), random.randint(1, 20), random.randint(1, 20)), G
+    """A fresh odd shape each run: N in 1..3, G in {1, 4, 32}, C/G in {1, 2, 4, 8}, H, W in 1..20, and groups of 1
+    or >= 8 elements (2..7 elements can be so ill-conditioned that any fp32 result is mostly rounding)."""
+    while True:
+        G, cg, H, W = random.choice([1, 4, 32]), random.choice([1, 2, 4, 8]), random.randint(1, 20), random.randint(1, 20)
+        if cg * H * W == 1 or cg * H * W >= 8:
+            return (random.randint(1, 3), G * cg, H, W), G
 
 
 # (shape, G): scaled BiT layers (C/G = 2, 8, 16), C/G = 1, H = W = 1, 13x17, N = 1, 2-D, 5-D, several NHWC row
 # blocks and cache chunks (3, 64, 72, 72), NCHW groups over one 4096-element chunk.
 SHAPES = [((2, 64, 14, 14), 32), ((2, 256, 7, 7), 32), ((2, 512, 4, 4), 32), ((1, 32, 13, 17), 32),
-          ((3, 64, 1, 1), 32), ((4, 48), 3), ((2, 16, 3, 4, 5), 4), ((3, 32, 40, 40), 8), ((3, 64, 72, 72), 32)]
+          ((3, 256, 1, 1), 32), ((4, 48), 3), ((2, 16, 3, 4, 5), 4), ((3, 32, 40, 40), 8), ((3, 64, 72, 72), 32)]
 TINY = [((2, 8, 5, 7), 4), ((1, 8, 24, 24), 1)]  # the second one: several Triton row blocks / NCHW chunks
 
 

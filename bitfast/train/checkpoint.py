@@ -4,12 +4,16 @@ Written by rank 0 only: torch.save to <name>.tmp, flush + fsync, os.replace over
 A crash mid-write leaves the previous checkpoint intact. Loaded with weights_only=True (plain containers and
 tensors only, so RNG states are stored as tensors and lists).
 """
+import dataclasses
 import hashlib
 import os
 import random
+import time
 
 import numpy as np
 import torch
+
+from bitfast.train.dist import barrier
 
 FORMAT = "bitfast-train/1"
 # Config keys that change what is computed; a resumed run must agree on them.
@@ -81,3 +85,43 @@ def _same(key, a, b):
 def config_mismatch(saved, current):
     """Names of math-relevant config keys whose values differ (for a clear resume error)."""
     return [k for k in MATH_KEYS if not _same(k, saved.get(k), current.get(k))]
+
+
+def save_run(S, step, name="last.pt"):
+    """Rank 0 writes the whole training state of run `S` (see loop.setup); every rank waits for it."""
+    if S.world.main:
+        save_atomic({"format": FORMAT, "step": step, "model": S.model.state_dict(),
+                        "optimizer": S.opt.state_dict(), "scaler": S.scaler.state_dict() if S.scaler else None,
+                        "rng": rng_state(), "sampler": {"step": step, "seed": S.cfg.seed, "batch": S.recipe.batch,
+                                                          "examples": len(S.indices),
+                                                          "examples_sha256": digest(S.indices)},
+                        "config": dataclasses.asdict(S.cfg), "recipe": dataclasses.asdict(S.recipe),
+                        "bad_images": sorted(S.bad), "wall_s": S.wall_before + time.time() - S.t_start,
+                        "train_images": S.images_before + S.images}, os.path.join(S.cfg.out, name))
+    barrier(S.world)
+
+
+def resume_run(S):
+    """Load <out>/last.pt (or cfg.resume) if present; returns the step to start from."""
+    path = S.cfg.resume or os.path.join(S.cfg.out, "last.pt")
+    if not os.path.exists(path):
+        if S.cfg.resume:
+            raise FileNotFoundError(f"resume: no checkpoint at {path}")
+        return 0
+    state = load(path, "cpu")  # RNG states must stay on the CPU; load_state_dict moves the rest
+    bad = config_mismatch(state["config"], dataclasses.asdict(S.cfg))
+    if bad:
+        diff = ", ".join(f"{k}: {state['config'].get(k)!r} -> {getattr(S.cfg, k)!r}" for k in bad)
+        raise ValueError(f"resume: {path} was written with different settings ({diff}); "
+                         "use a new --out, or the original settings")
+    if state["sampler"]["examples_sha256"] != digest(S.indices):
+        raise ValueError(f"resume: the training examples differ from those in {path} (did the data change?)")
+    S.model.load_state_dict(state["model"])
+    S.opt.load_state_dict(state["optimizer"])
+    if S.scaler and state["scaler"]:
+        S.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    S.bad.update(state["bad_images"])
+    S.wall_before, S.images_before = state["wall_s"], state["train_images"]
+    S.log(f"resuming from {path} at step {state['step']}")
+    return int(state["step"])

@@ -182,7 +182,7 @@ def resolve(cfg, dataset_size, image_hw, num_classes, world_size=1):
     # Resolution.
     (r_rule, c_rule), why_res = hr.resolution(image_hw, paper=cfg.paper_res)
     if cfg.mode == "upstream":
-        (r_rule, c_rule), why_res = (256, 224), "upstream recipe: Inception crop 224 (+flip)"
+        (r_rule, c_rule), why_res = (256, 224), "upstream recipe: Inception crop 224 (+flip); eval: resize 224"
     if cfg.resolution is None:
         resize, crop, why["resolution"] = r_rule, c_rule, why_res
     else:
@@ -227,7 +227,8 @@ def describe(recipe):
     r = recipe
     rows = [
         ("dataset", f"{r.dataset_size:,} training examples, {r.num_classes} classes", None),
-        ("resolution", f"resize {r.resize} -> crop {r.crop}", "resolution"),
+        ("resolution", f"Inception crop -> {r.crop}" if r.mode == "upstream" and r.random_crop
+         else f"resize {r.resize} -> crop {r.crop}", "resolution"),
         ("supports", f"warmup {r.supports[0]}, /10 after {r.supports[1:-1]}, end {r.steps} steps", "supports"),
         ("lr", f"{r.lr:g}", "lr"),
         ("weight decay", f"{r.weight_decay:g}", "weight_decay"),

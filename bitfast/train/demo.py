@@ -12,6 +12,8 @@ import json
 import os
 import time
 
+import torch
+
 from bitfast.train.config import make_config
 from bitfast.train.loop import train
 
@@ -19,11 +21,24 @@ QUICK = dict(upstream=dict(epochs=1, resolution="20,16", warmup=5, batch=64),
              transfer=dict(steps=12, resolution="20,16", batch=32))
 
 
-def run_demo(out="runs/demo", data="small", quick=False, progress=True):
+def run_demo(out="runs/demo", data="small", quick=False, progress=True, threads=1, workers=1):
+    """threads: torch CPU threads. One is the default: bit_tiny at 28px makes tiny ops, where OpenMP threads
+    cost more than they give, and several threads stall badly on a machine shared with other jobs (on a
+    busy 2-core box, 2 threads ran the demo ~6x slower than 1). workers: DataLoader processes (the second core
+    decodes and augments while the first trains)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _demo(out, data, quick, progress, workers)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _demo(out, data, quick, progress, workers):
     t0 = time.time()
     up_kw = QUICK["upstream"] if quick else {}
     tr_kw = QUICK["transfer"] if quick else {}
-    common = dict(progress=progress)
+    common = dict(progress=progress, workers=workers)
     print(f"== 1/3 upstream: bit_tiny on Fashion-MNIST classes 0-4 ({data} set)")
     up = train(make_config("demo-upstream", out=os.path.join(out, "upstream"), data=f"fashion-mnist-{data}:0-4",
                            **common, **up_kw))

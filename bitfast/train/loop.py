@@ -140,45 +140,6 @@ def evaluate(S):
     return dict(top1=c1 / max(n, 1), top5=c5 / max(n, 1), loss=tot / max(n, 1), images=int(n))
 
 
-def save(S, step, name="last.pt"):
-    if S.world.main:
-        ck.save_atomic({"format": ck.FORMAT, "step": step, "model": S.model.state_dict(),
-                        "optimizer": S.opt.state_dict(), "scaler": S.scaler.state_dict() if S.scaler else None,
-                        "rng": ck.rng_state(), "sampler": {"step": step, "seed": S.cfg.seed, "batch": S.recipe.batch,
-                                                          "examples": len(S.indices),
-                                                          "examples_sha256": ck.digest(S.indices)},
-                        "config": dataclasses.asdict(S.cfg), "recipe": dataclasses.asdict(S.recipe),
-                        "bad_images": sorted(S.bad), "wall_s": S.wall_before + time.time() - S.t_start,
-                        "train_images": S.images_before + S.images}, os.path.join(S.cfg.out, name))
-    dist.barrier(S.world)
-
-
-def resume_point(S):
-    """Load <out>/last.pt (or cfg.resume) if present; returns the step to start from."""
-    path = S.cfg.resume or os.path.join(S.cfg.out, "last.pt")
-    if not os.path.exists(path):
-        if S.cfg.resume:
-            raise FileNotFoundError(f"resume: no checkpoint at {path}")
-        return 0
-    state = ck.load(path, "cpu")  # RNG states must stay on the CPU; load_state_dict moves the rest
-    bad = ck.config_mismatch(state["config"], dataclasses.asdict(S.cfg))
-    if bad:
-        diff = ", ".join(f"{k}: {state['config'].get(k)!r} -> {getattr(S.cfg, k)!r}" for k in bad)
-        raise ValueError(f"resume: {path} was written with different settings ({diff}); "
-                         "use a new --out, or the original settings")
-    if state["sampler"]["examples_sha256"] != ck.digest(S.indices):
-        raise ValueError(f"resume: the training examples differ from those in {path} (did the data change?)")
-    S.model.load_state_dict(state["model"])
-    S.opt.load_state_dict(state["optimizer"])
-    if S.scaler and state["scaler"]:
-        S.scaler.load_state_dict(state["scaler"])
-    ck.set_rng_state(state["rng"])
-    S.bad.update(state["bad_images"])
-    S.wall_before, S.images_before = state["wall_s"], state["train_images"]
-    S.log(f"resuming from {path} at step {state['step']}")
-    return int(state["step"])
-
-
 def setup(cfg, world, model=None):
     S = type("Run", (), {})()  # a plain bag of run state; cleared at the end so DDP dies before the group
     S.cfg, S.world, S.bad, S.images, S.wall_before, S.images_before = cfg, world, set(), 0, 0.0, 0
@@ -231,12 +192,13 @@ def _run(S, stop):
     cfg, r, world = S.cfg, S.recipe, S.world
     if world.main:
         os.makedirs(cfg.out, exist_ok=True)
-    start = resume_point(S)
+    start = ck.resume_run(S)
     if world.main:
         S.log(C.describe(r))
         S.log(f"data: {S.train_src.name} ({len(S.indices):,} used) -> eval {S.eval_src.name} ({len(S.eval_src):,}); "
               f"device {world.device}, world {world.size}, model {cfg.model} "
-              f"({sum(p.numel() for p in S.model.parameters()) / 1e6:.2f}M params)")
+              f"({sum(p.numel() for p in S.model.parameters()) / 1e6:.2f}M params, "
+              f"{'weights ' + cfg.weights if cfg.weights else 'from scratch'})")
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump({"config": dataclasses.asdict(cfg), "recipe": dataclasses.asdict(r)}, f, indent=1)
     metrics = report.Metrics(cfg.out, start if start else None) if world.main else None
@@ -256,7 +218,7 @@ def _run(S, stop):
         S.bad.update(bad)
         t0 = time.time()
         if stopping or step == end_this_run or step % ckpt_every == 0:
-            save(S, step)
+            ck.save_run(S, step)
         if stopping:
             progress.close()
             why = signal.Signals(stop.signum).name if stop.signum else "a signal on another rank"
@@ -285,7 +247,7 @@ def train_step(S, x, y, step, lr, stop):
     loss, n, nonfinite, stopping = dist.all_sum(S.world, [loss if finite else 0.0, n, float(not finite),
                                                           float(stop.signum is not None)])
     if nonfinite:  # before the update: the checkpoint holds the last good weights
-        save(S, step)
+        ck.save_run(S, step)
         raise NonFiniteLoss(f"loss is not finite (nan/inf) at step {step} (lr {lr:.3g}); stopped without applying "
                             f"it. Last good checkpoint: {os.path.join(S.cfg.out, 'last.pt')} (step {step}). "
                             "Try a lower --lr, --precision fp32, or check the data.")
