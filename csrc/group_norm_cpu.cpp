@@ -42,9 +42,10 @@ template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
 
 constexpr int kLanes = 16;                 // independent partial sums: SIMD without reassociating
-constexpr int64_t kChunk = 4096;           // NCHW: elements per exact two-pass piece (16 KiB of fp32: L1)
-constexpr int64_t kBlockElems = 1 << 15;   // NHWC: about this many elements per (n, row block) task
-constexpr int64_t kMinRows = 64;           // NHWC: at least this many rows per block (bounds the partials' size)
+// Sums are two-level: kLanes partials (or a channel's running sum) over at most kChunk elements (NCHW) or kRows
+// rows (NHWC), then the piece totals in order. Short sequential runs keep fp32 sums within a few ulps.
+constexpr int64_t kChunk = 1024;           // NCHW: elements per exact two-pass piece (4 KiB of fp32: L1)
+constexpr int64_t kRows = 64;              // NHWC: rows per block (the partials add 2/64 of x's size)
 constexpr int64_t kCacheElems = 1 << 19;   // NHWC: elements per sample chunk (x and dy of a chunk stay in cache)
 constexpr int64_t kParallelMin = 1 << 14;  // fewer elements than this stay on one thread
 
@@ -117,7 +118,6 @@ BITFAST_CLONES void bwd_group(const T* dy, const T* x, T* dx, int64_t D, int64_t
     const T* xc = x + d * S;
     const T* gc = dy + d * S;
     const A wc = w ? w[d] : A(1), k = rs * wc, h = b ? b[d] : A(0);
-    A s0[kLanes] = {}, s1[kLanes] = {};
     auto add = [&](int64_t i, A& t0, A& t1) {
       const A xm = ld<T, A>(xc, i) - mu;
       A dz = ld<T, A>(gc, i);
@@ -125,12 +125,18 @@ BITFAST_CLONES void bwd_group(const T* dy, const T* x, T* dx, int64_t D, int64_t
       t0 += dz;
       t1 += dz * xm;
     };
-    int64_t i = 0;
-    for (; i + kLanes <= S; i += kLanes)
-      for (int j = 0; j < kLanes; ++j) add(i + j, s0[j], s1[j]);
     A t0 = 0, t1 = 0;
-    for (; i < S; ++i) add(i, t0, t1);
-    for (int j = 0; j < kLanes; ++j) t0 += s0[j], t1 += s1[j];
+    for (int64_t i0 = 0; i0 < S; i0 += kChunk) {
+      const int64_t i1 = std::min(S, i0 + kChunk);
+      A s0[kLanes] = {}, s1[kLanes] = {}, u0 = 0, u1 = 0;
+      int64_t i = i0;
+      for (; i + kLanes <= i1; i += kLanes)
+        for (int j = 0; j < kLanes; ++j) add(i + j, s0[j], s1[j]);
+      for (; i < i1; ++i) add(i, u0, u1);
+      for (int j = 0; j < kLanes; ++j) u0 += s0[j], u1 += s1[j];
+      t0 += u0;
+      t1 += u1;
+    }
     sdz[d] = t0;
     sdzxm[d] = t1;
     gw += wc * t0;
@@ -257,7 +263,7 @@ struct NhwcSplit {
   int64_t R, B, NS;
   bool per_sample;
   NhwcSplit(const GNArgs& a) {
-    R = std::min(a.S, std::max(kMinRows, kBlockElems / a.C));
+    R = std::min(a.S, kRows);
     B = (a.S + R - 1) / R;
     NS = std::max<int64_t>(1, std::min(a.N, kCacheElems / (a.S * a.C)));
     per_sample = a.N >= 2 * omp_get_max_threads();

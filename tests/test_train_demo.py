@@ -58,19 +58,25 @@ def test_bad_input_is_one_clear_line(capsys, tmp_path):
 
 def test_demo_end_to_end_reduced(tmp_path, capsys, one_thread):
     out = str(tmp_path / "demo")
-    assert cli.main(["demo", "--quick", "--no-progress", "--out", out]) == 0
+    assert cli.main(["demo", "--quick", "--no-progress", "--workers", "0", "--out", out]) == 0
     text = capsys.readouterr().out
-    assert "transfer from upstream" in text and "from scratch" in text
+    assert "transfer (HyperRule)" in text and "from scratch" in text
     result = json.load(open(os.path.join(out, "demo.json")))
-    for k in ("upstream_top1", "transfer_top1", "scratch_top1"):
-        assert 0.0 <= result[k] <= 1.0
-    assert result["eval_images"] == 1000
+    for v in (result["upstream_top1"], *result["transfer_top1"], *result["scratch_top1"]):
+        assert 0.0 <= v <= 1.0
+    assert result["eval_images"] == 1000 and result["seeds"] == [0]
     assert result["upstream_top1"] > 0.35  # 5 classes: chance is 0.2; upstream trains on 3,000 images
-    for stage in ("upstream", "transfer", "scratch"):
+    for stage in ("upstream", "transfer/seed0", "scratch/seed0"):
         for f in ("model.pt", "last.pt", "metrics.jsonl", "summary.json", "plot.png"):
             assert os.path.exists(os.path.join(out, stage, f)), (stage, f)
     up = json.load(open(os.path.join(out, "upstream", "config.json")))
-    tr = json.load(open(os.path.join(out, "transfer", "config.json")))
+    tr = json.load(open(os.path.join(out, "transfer", "seed0", "config.json")))
+    sc = json.load(open(os.path.join(out, "scratch", "seed0", "config.json")))
     assert up["config"]["data"].endswith(":0-4") and tr["config"]["data"].endswith(":5-9")
-    assert tr["config"]["weights"].endswith(os.path.join("upstream", "model.pt"))
+    assert tr["config"]["weights"].endswith(os.path.join("upstream", "model.pt")) and sc["config"]["weights"] is None
     assert tr["recipe"]["dataset_size"] == 50 and tr["recipe"]["mixup"] == 0.0
+    assert tr["recipe"] == sc["recipe"]  # the same recipe; only the starting weights differ
+    # Re-running the finished demo resumes every stage at its end: no training, same numbers.
+    assert cli.main(["demo", "--quick", "--no-progress", "--workers", "0", "--out", out]) == 0
+    again = json.load(open(os.path.join(out, "demo.json")))
+    assert again["transfer_top1"] == result["transfer_top1"] and again["scratch_top1"] == result["scratch_top1"]
