@@ -190,3 +190,30 @@ def test_bf16_channels_last_and_batch_split_run_on_cpu(tmp_path):
     assert summary["steps"] == 3 and 0 <= summary["top1"] <= 1
     with pytest.raises(ValueError, match="fp16"):
         loop.train(cfg_for(tmp_path / "b", precision="fp16"), model=tiny())
+
+
+def test_zoo_model_resume_is_bitwise_identical(tmp_path):
+    """The same with bitfast's own GN/WS model (its CPU kernels must be deterministic too)."""
+    kw = dict(model="bit_tiny", batch=8, steps=6, ckpt_every=2, resolution="18,16", examples_per_class=3,
+              mixup=0.3)
+    loop.train(cfg_for(tmp_path / "a", **kw))
+    loop.train(cfg_for(tmp_path / "b", stop_after=3, **kw))
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["step"] == 3
+    loop.train(cfg_for(tmp_path / "b", **kw))
+    assert_same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
+    assert os.path.exists(tmp_path / "b" / "model.pt")
+
+
+def test_transfer_loads_backbone_and_starts_from_a_zero_head(tmp_path):
+    from bitfast import models
+    src = models.create("bit_tiny", num_classes=5)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.randn_like(p))
+    models.save(src, tmp_path / "up.pt")
+    cfg = C.make_config("transfer", model="bit_tiny", weights=str(tmp_path / "up.pt"))
+    for k in (5, 7):  # same class count as the file (the head is still new) and a different one
+        model = loop.build_model(cfg, k)
+        sd, ref = model.state_dict(), src.state_dict()
+        assert sd["head.fc.weight"].shape[0] == k and not sd["head.fc.weight"].any() and not sd["head.fc.bias"].any()
+        assert all(torch.equal(sd[n], ref[n]) for n in ref if not n.startswith("head."))

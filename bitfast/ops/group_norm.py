@@ -2,7 +2,7 @@ r"""GroupNorm with an optional fused ReLU.
 
 For x of shape (N, C, *spatial), G groups of C/G channels, D = C/G * prod(spatial) elements per (n, g):
 
-    mean = 1/D sum x,   var = 1/D sum (x - mean)^2   (biased, two-pass: no E[x^2] - E[x]^2 cancellation)
+    mean = 1/D sum x,   var = 1/D sum (x - mean)^2   (biased; corrected two-pass, never E[x^2] - E[x]^2)
     xhat = (x - mean) * rstd,  rstd = 1 / sqrt(var + eps)
     y    = act(xhat * weight[c] + bias[c]),   act = identity or ReLU
 
@@ -31,10 +31,15 @@ def group_norm_fwd_ref(x, weight, bias, num_groups, eps, relu):
         stats = x.new_zeros((N, num_groups), dtype=acc_dtype(x.dtype))
         return empty_like_layout(x), stats, stats.clone()
     xg = x.reshape(N, num_groups, -1).to(acc_dtype(x.dtype))  # (N, G, D)
-    mean = xg.mean(-1)
-    var = (xg - mean[..., None]).square().mean(-1)
-    rstd = torch.rsqrt(var + eps)
-    y = ((xg - mean[..., None]) * rstd[..., None]).reshape(N, C, -1)  # (N, C, S)
+    # Corrected two-pass, as the kernels: d = x - m0 around the rounded mean m0, and c = mean(d) removes m0's
+    # rounding error, so x = 1000 + N(0, 1) normalises as accurately as N(0, 1).
+    m0 = xg.mean(-1, keepdim=True)
+    d = xg - m0
+    c = d.mean(-1, keepdim=True)
+    rstd = torch.rsqrt((d.square().mean(-1, keepdim=True) - c.square()).clamp_min(0) + eps)
+    mean = (m0 + c).squeeze(-1)
+    y = ((d - c) * rstd).reshape(N, C, -1)  # (N, C, S)
+    rstd = rstd.squeeze(-1)
     if weight is not None:
         y = y * weight.to(y.dtype)[:, None]
     if bias is not None:

@@ -54,9 +54,9 @@ PRESETS = {
     "upstream": dict(mode="upstream", batch=4096),
     # The demo: HyperRule shape at a CPU scale (1/8 of the batch, 1/5 of the steps, 28px crops).
     "demo-upstream": dict(mode="upstream", model="bit_small", data="fashion-mnist-small:0-4", batch=128,
-                          epochs=8, warmup=50, resolution="32,28", workers=0, eval_every=0),
+                          epochs=6, warmup=50, resolution="32,28", workers=0, eval_every=0, log_every=5),
     "demo-transfer": dict(model="bit_small", data="fashion-mnist-small:5-9", examples_per_class=10, batch=64,
-                          steps=100, resolution="32,28", workers=0, eval_every=0),
+                          steps=100, resolution="32,28", workers=0, eval_every=50, log_every=5),
 }
 
 CHOICES = dict(mode=("transfer", "upstream"), precision=("fp32", "bf16", "fp16"), loss=("softmax", "sigmoid"),

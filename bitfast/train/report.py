@@ -58,7 +58,7 @@ class Progress:
             ips, loss = self.n / max(time.time() - self.t, 1e-9), self.loss / max(self.n, 1)
             self.metrics.write("train", step, loss=loss, lr=lr, img_s=ips)
             if self.bar:
-                self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2g}", img_s=f"{ips:.0f}")
+                self.bar.set_postfix({"loss": f"{loss:.4f}", "lr": f"{lr:.2g}", "img/s": f"{ips:.0f}"}, refresh=False)
             self.restart_window()
         if self.bar:
             self.bar.update(1)
@@ -104,7 +104,8 @@ def plot(metrics_path, png_path, title=""):
     ax[1].plot([r["step"] for r in tr], [r["lr"] for r in tr])
     ax[1].set(title="learning rate", xlabel="step")
     ax[2].plot([r["step"] for r in ev], [100 * r["top1"] for r in ev], "o-", label="top-1")
-    ax[2].plot([r["step"] for r in ev], [100 * r["top5"] for r in ev], "s--", label="top-5")
+    if any(r["top5"] < 1 for r in ev):  # with 5 classes or fewer top-5 is always 100%
+        ax[2].plot([r["step"] for r in ev], [100 * r["top5"] for r in ev], "s--", label="top-5")
     ax[2].set(title="eval accuracy (%)", xlabel="step")
     ax[2].legend()
     fig.suptitle(title)
