@@ -66,7 +66,7 @@ def build_model(cfg, num_classes):
 
 
 def to_input(x, device, channels_last):  # uint8 (N, 3, H, W) -> float32 in [-1, 1]
-    x = x.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    x = x.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)  # a no-op move when already there
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -94,10 +94,10 @@ def forward_backward(S, x, y, step):
     weight = 1.0
     if x is None:  # every image of this slice was unreadable: a zero-weight pass keeps DDP in step
         x, y, weight = torch.zeros(1, 3, r.crop, r.crop, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), 0.0
-    n, y = len(y), y.to(dev)
+    n, x, y = len(y), x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)  # uint8: a cheap copy
     lam = mixup_lambda(cfg.seed, step, r.mixup)
-    perm = mixup_perm(cfg.seed, step, S.world.rank, n) if lam < 1.0 else None
-    chunks = torch.arange(n).tensor_split(min(r.rank_split, n))
+    perm = mixup_perm(cfg.seed, step, S.world.rank, n).to(dev) if lam < 1.0 else None
+    chunks = torch.arange(n, device=dev).tensor_split(min(r.rank_split, n))
     total = torch.zeros((), device=dev)
     for i, idx in enumerate(chunks):
         sync = not S.world.distributed or i == len(chunks) - 1
@@ -109,7 +109,7 @@ def forward_backward(S, x, y, step):
                 logits = S.fwd(xi)
             loss = loss_sum(logits, y[idx], cfg.loss)
             if perm is not None:
-                loss = lam * loss + (1 - lam) * loss_sum(logits, y[perm[idx].to(dev)], cfg.loss)
+                loss = lam * loss + (1 - lam) * loss_sum(logits, y[perm[idx]], cfg.loss)
             loss = loss * (weight / n)
             (S.scaler.scale(loss) if S.scaler else loss).backward()
         total += loss.detach()
