@@ -217,3 +217,28 @@ def test_transfer_loads_backbone_and_starts_from_a_zero_head(tmp_path):
         sd, ref = model.state_dict(), src.state_dict()
         assert sd["head.fc.weight"].shape[0] == k and not sd["head.fc.weight"].any() and not sd["head.fc.bias"].any()
         assert all(torch.equal(sd[n], ref[n]) for n in ref if not n.startswith("head."))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_cli_signal_with_workers_checkpoints_and_exits(tmp_path, sig):
+    """A real signal from outside, with DataLoader worker processes alive: a checkpoint and a clean exit."""
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "bitfast.train.cli", "transfer", "--model", "bit_tiny", "--data",
+           "fashion-mnist-small:5-9", "--examples-per-class", "4", "--batch", "8", "--steps", "100000",
+           "--resolution", "18,16", "--workers", "2", "--out", str(out), "--no-progress", "log_every=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists() or \
+            not (out / "metrics.jsonl").read_text().count("\n") >= 2:
+        assert p.poll() is None and time.time() < deadline, p.communicate()
+        time.sleep(0.2)
+    p.send_signal(sig)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 128 + sig, stdout[-2000:] + stderr[-2000:]
+    assert f"stopped by {signal.Signals(sig).name}" in stdout and "Traceback" not in stderr
+    ck = torch.load(out / "last.pt", weights_only=True)
+    assert ck["step"] >= 2 and ck["config"]["steps"] == 100000

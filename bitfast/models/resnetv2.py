@@ -202,6 +202,7 @@ class ResNetV2(nn.Module):
         # Standardize all conv weights in one weight_standardize_many launch per step (training / with grad);
         # without grad in eval mode each StdConv2d's cached weight is cheaper still.
         self.fused_ws = conv == "ws"
+        self._num_std_convs = len(self.std_convs())
         self._init_weights(zero_head)
 
     @torch.no_grad()
@@ -236,9 +237,12 @@ class ResNetV2(nn.Module):
     def forward_features(self, x):  # (N, in_chans, H, W) -> (N, C, H/32, W/32), after the final GN+ReLU
         if x.dim() != 4 or x.shape[1] != self.config["in_chans"]:
             raise ValueError(f"x must be (N, {self.config['in_chans']}, H, W), got {tuple(x.shape)}")
-        if not (self.fused_ws and (self.training or torch.is_grad_enabled())):
+        convs = self.std_convs()
+        # Fused path only while every conv is still a StdConv2d (callers may swap modules, e.g. benchmarks).
+        fused = self.fused_ws and len(convs) == self._num_std_convs and (self.training or torch.is_grad_enabled())
+        if not fused:
             return self.norm(self.stages(self.stem(x)))
-        ws = iter(standardize_conv_weights(self.std_convs(), out_dtype=std_conv2d_autocast_dtype(x.device.type)))
+        ws = iter(standardize_conv_weights(convs, out_dtype=std_conv2d_autocast_dtype(x.device.type)))
         x = self.stem.pool(self.stem.pad(self.stem.conv(x, next(ws))))
         for stage in self.stages:
             for block in stage.blocks:

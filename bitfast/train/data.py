@@ -12,6 +12,7 @@ Images leave the workers as uint8 (3, C, C); the loop scales them to [-1, 1] on 
 import math
 import os
 import re
+import signal
 
 import numpy as np
 import torch
@@ -260,6 +261,14 @@ def eval_batches(n, batch, rank, world):
     return [[(i, None) for i in mine[j:j + batch]] for j in range(0, len(mine), batch)]
 
 
+def _worker_init(_):
+    # Ctrl-C / SIGTERM are for the training process, which checkpoints and then ends its workers; a worker that
+    # died on the signal first would turn the clean stop into a "DataLoader worker exited unexpectedly" crash.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def loader(view, batch_sampler, workers, pin):
     return torch.utils.data.DataLoader(view, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate,
-                                       pin_memory=pin, persistent_workers=False)
+                                       pin_memory=pin, persistent_workers=False,
+                                       worker_init_fn=_worker_init if workers else None)
