@@ -4,7 +4,7 @@ bitfast backend side by side with torch nn.GroupNorm+ReLU (eager; torch.compile 
 
     impl        torch          nn.GroupNorm + ReLU, eager, module in the activation dtype
                 torch-compile  the same under torch.compile (GPU only: inductor on the CPU is too slow for CI)
-                bn             nn.BatchNorm2d + ReLU, training mode (what a BN ResNet pays)
+                bn             nn.BatchNorm2d + ReLU, training mode, fp32 params (what a BN ResNet pays)
                 bitfast-<b>    bitfast.nn.GroupNormAct with backend b (cpu / cuda / triton; fp32 params)
 
 Effective bandwidth counts the minimum bytes (GUIDE §6): forward 2T (read x, write y), forward+backward 5T (2T, then
@@ -47,11 +47,9 @@ _TORCH_MS = {}  # (C, H, direction, layout) -> torch eager median, for speedup_v
 def make_module(impl, C):
     if impl.startswith("bitfast-"):
         return GroupNormAct(GROUPS, C, backend=impl.split("-", 1)[1]).to(T.DEVICE)
-    if impl == "bn":
-        m = torch.nn.Sequential(torch.nn.BatchNorm2d(C), torch.nn.ReLU())
-    else:
-        m = torch.nn.Sequential(torch.nn.GroupNorm(GROUPS, C), torch.nn.ReLU())
-    m = m.to(T.DEVICE, DTYPE).train()
+    if impl == "bn":  # fp32 params with bf16 activations, as under autocast: cuDNN's mixed-precision BN
+        return torch.nn.Sequential(torch.nn.BatchNorm2d(C), torch.nn.ReLU()).to(T.DEVICE).train()
+    m = torch.nn.Sequential(torch.nn.GroupNorm(GROUPS, C), torch.nn.ReLU()).to(T.DEVICE, DTYPE).train()
     return torch.compile(m) if impl == "torch-compile" else m
 
 

@@ -15,7 +15,8 @@
 // output pass re-reads x (and dy) from cache, not DRAM.
 // Sums run on x - (an element of the same sample), so a large common offset (x = 1000 + noise) loses no bits.
 // Every summation order is fixed by the shape alone: bit-identical results run to run, for any thread count and for
-// both the AVX2 and the baseline clone of a task function (no FMA contraction: -std=c++17 implies -ffp-contract=off).
+// both the AVX2 and the baseline clone of a task function ("avx2" enables no FMA, and ISO -std=c++NN builds use
+// -ffp-contract=off, so z is rounded the same way in the forward pass and in the backward mask).
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <omp.h>

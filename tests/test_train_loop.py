@@ -221,7 +221,7 @@ def test_transfer_loads_backbone_and_starts_from_a_zero_head(tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_cli_signal_with_workers_checkpoints_and_exits(tmp_path, sig):
-    """A real signal from outside, with DataLoader worker processes alive: a checkpoint and a clean exit."""
+    """A real signal from outside to the process group, DataLoader workers included: checkpoint, clean exit."""
     import subprocess
     import sys
     import time
@@ -230,13 +230,14 @@ def test_cli_signal_with_workers_checkpoints_and_exits(tmp_path, sig):
            "fashion-mnist-small:5-9", "--examples-per-class", "4", "--batch", "8", "--steps", "100000",
            "--resolution", "18,16", "--workers", "2", "--out", str(out), "--no-progress", "log_every=1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "metrics.jsonl").exists() or \
             not (out / "metrics.jsonl").read_text().count("\n") >= 2:
         assert p.poll() is None and time.time() < deadline, p.communicate()
         time.sleep(0.2)
-    p.send_signal(sig)
+    os.killpg(p.pid, sig)  # to the whole group, workers included, as Ctrl-C in a terminal or a batch scheduler
     stdout, stderr = p.communicate(timeout=120)
     assert p.returncode == 128 + sig, stdout[-2000:] + stderr[-2000:]
     assert f"stopped by {signal.Signals(sig).name}" in stdout and "Traceback" not in stderr

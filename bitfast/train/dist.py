@@ -71,9 +71,9 @@ def barrier(world):
         dist.barrier()
 
 
-def shutdown(world, *objects):
-    """Drop references to DDP model/optimizer first: gloo can abort at exit otherwise (GUIDE §7)."""
-    del objects
+def shutdown(world):
+    """Leave the process group. The caller drops its DDP model and optimizer first; gc.collect() then frees
+    them before the group goes, else gloo can abort at exit (GUIDE §7)."""
     gc.collect()
     if world.distributed and dist.is_initialized():
         dist.barrier()
