@@ -5,7 +5,12 @@ import glob
 import os
 
 from setuptools import find_packages, setup
-from torch.utils import cpp_extension
+
+# torch guesses CUDA_HOME from the nvcc on PATH; a /usr/local/bin/nvcc shim would make that /usr/local.
+if "CUDA_HOME" not in os.environ and os.path.isdir("/usr/local/cuda"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+from torch.utils import cpp_extension  # noqa: E402  (reads CUDA_HOME at import)
 
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
 os.environ.setdefault("MAX_JOBS", "2")

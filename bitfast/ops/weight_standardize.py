@@ -104,13 +104,32 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _backward(ctx, dy, _dmean, _drstd):
+def _grad(ctx, dy, bwd):
+    """Gradient for (w, ...) from a bwd implementation with the _C signature."""
     w, mean, rstd = ctx.saved_tensors
     dy = dy if dy.stride() == w.stride() else torch.empty_like(w, dtype=dy.dtype).copy_(dy)
-    return _bwd(dy, w, mean, rstd, ctx.backend), None, None, None
+    return bwd(dy, w, mean, rstd), None, None, None
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    return _grad(ctx, dy, lambda *args: _bwd(*args, ctx.backend))
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _Eager(torch.autograd.Function):
+    """The custom op's math without torch.library's per-call dispatch cost; used outside torch.compile."""
+
+    @staticmethod
+    def forward(ctx, w, eps, out_dtype, backend):
+        y, mean, rstd = _FWD[backend]()(w, eps, out_dtype)
+        _setup_context(ctx, (w, eps, out_dtype, backend), (y, mean, rstd))
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _grad(ctx, dy, _BWD[ctx.backend]())
 
 
 # ------------------------------------------------------------------------------------------------ public
@@ -131,5 +150,6 @@ def weight_standardize(w, eps=1e-10, out_dtype=None, backend=None):
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     name = _backend.resolve("weight_standardize", backend, w.device.type)
-    y, _mean, _rstd = _fwd(w, float(eps), out_dtype, name)
-    return y
+    if torch.compiler.is_compiling():
+        return _fwd(w, float(eps), out_dtype, name)[0]
+    return _Eager.apply(w, float(eps), out_dtype, name)
