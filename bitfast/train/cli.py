@@ -71,7 +71,8 @@ def parser():
                    help="small: the subset shipped in the package (default); full: the Debian "
                         "dataset-fashion-mnist package; auto: full when installed")
     d.add_argument("--quick", action="store_true", help="a much smaller demo (tests, a smoke check)")
-    d.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the demo's ops are tiny)")
+    d.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the demo's ops are small, and more threads "
+                        "stall badly when other jobs share the cores)")
     d.add_argument("--workers", type=int, default=1, help="DataLoader worker processes (default 1)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
