@@ -36,6 +36,19 @@ def _rsqrt(m2, count, eps, ACC: tl.constexpr):
 
 # ------------------------------------------------------------------------------------------------ NCHW
 @triton.jit
+def _scale_shift(w_ptr, b_ptr, c, cm, rs, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """Per-channel z = (x - mean) * k + h for channels c (mask cm): k = rstd * weight, h = bias."""
+    k = tl.full([BLOCK], 1.0, ACC) * rs
+    if HAS_W:
+        k = k * tl.load(w_ptr + c, mask=cm, other=0.0)
+    h = tl.zeros([BLOCK], ACC)
+    if HAS_B:
+        h = tl.load(b_ptr + c, mask=cm, other=0.0).to(ACC)
+    return k, h
+
+
+@triton.jit
 def _nchw_fwd(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, G, D, S, eps, HAS_W: tl.constexpr,
               HAS_B: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -69,12 +82,7 @@ def _nchw_fwd(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, G, D, S, eps, HAS_
     rs_ = tl.arange(0, BLOCK_S)
     for d0 in range(0, D, BLOCK_D):  # (BLOCK_D channels, BLOCK_S positions) tiles
         dm = d0 + rd < D
-        k = tl.full([BLOCK_D], 1.0, ACC) * rs
-        if HAS_W:
-            k = k * tl.load(w_ptr + c0 + d0 + rd, mask=dm, other=0.0)
-        h = tl.zeros([BLOCK_D], ACC)
-        if HAS_B:
-            h = tl.load(b_ptr + c0 + d0 + rd, mask=dm, other=0.0).to(ACC)
+        k, h = _scale_shift(w_ptr, b_ptr, c0 + d0 + rd, dm, rs, HAS_W, HAS_B, ACC, BLOCK_D)
         for s0 in range(0, S, BLOCK_S):
             msk = dm[:, None] & (s0 + rs_ < S)[None, :]
             o = base + (d0 + rd)[:, None] * S + (s0 + rs_)[None, :]
@@ -132,12 +140,7 @@ def _nchw_bwd(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sdz_ptr, 
     r = -rs * c1
     for d0 in range(0, D, BLOCK_D):
         dm = d0 + rd < D
-        k = tl.full([BLOCK_D], 1.0, ACC) * rs
-        if HAS_W:
-            k = k * tl.load(w_ptr + c0 + d0 + rd, mask=dm, other=0.0)
-        h = tl.zeros([BLOCK_D], ACC)
-        if HAS_B:
-            h = tl.load(b_ptr + c0 + d0 + rd, mask=dm, other=0.0).to(ACC)
+        k, h = _scale_shift(w_ptr, b_ptr, c0 + d0 + rd, dm, rs, HAS_W, HAS_B, ACC, BLOCK_D)
         for s0 in range(0, S, BLOCK_S):
             msk = dm[:, None] & (s0 + rs_ < S)[None, :]
             o = base + (d0 + rd)[:, None] * S + (s0 + rs_)[None, :]
