@@ -93,6 +93,16 @@ def _nchw_fwd(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, G, D, S, eps, HAS_
 
 
 @triton.jit
+def _centered_grad(x_ptr, dy_ptr, o, msk, mu, k, h, RELU: tl.constexpr, ACC: tl.constexpr):
+    """A (channels, positions) tile of x - mean and of dy, with dy zeroed where the recomputed ReLU was off."""
+    xm = tl.load(x_ptr + o, mask=msk, other=0.0).to(ACC) - mu
+    dz = tl.load(dy_ptr + o, mask=msk, other=0.0).to(ACC)
+    if RELU:
+        dz = tl.where(xm * k[:, None] + h[:, None] <= 0.0, 0.0, dz)
+    return xm, dz
+
+
+@triton.jit
 def _nchw_bwd(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sdz_ptr, sdzxm_ptr, G, D, S,
               HAS_W: tl.constexpr, HAS_B: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -121,10 +131,7 @@ def _nchw_bwd(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sdz_ptr, 
         for s0 in range(0, S, BLOCK_S):
             msk = dm[:, None] & (s0 + rs_ < S)[None, :]
             o = base + (d0 + rd)[:, None] * S + (s0 + rs_)[None, :]
-            xm = tl.load(x_ptr + o, mask=msk, other=0.0).to(ACC) - mu
-            dz = tl.load(dy_ptr + o, mask=msk, other=0.0).to(ACC)
-            if RELU:
-                dz = tl.where(xm * k[:, None] + h[:, None] <= 0.0, 0.0, dz)
+            xm, dz = _centered_grad(x_ptr, dy_ptr, o, msk, mu, k, h, RELU, ACC)
             dz = tl.where(msk, dz, 0.0)
             a0 += dz
             a1 += dz * xm
@@ -144,10 +151,7 @@ def _nchw_bwd(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sdz_ptr, 
         for s0 in range(0, S, BLOCK_S):
             msk = dm[:, None] & (s0 + rs_ < S)[None, :]
             o = base + (d0 + rd)[:, None] * S + (s0 + rs_)[None, :]
-            xm = tl.load(x_ptr + o, mask=msk, other=0.0).to(ACC) - mu
-            dz = tl.load(dy_ptr + o, mask=msk, other=0.0).to(ACC)
-            if RELU:
-                dz = tl.where(xm * k[:, None] + h[:, None] <= 0.0, 0.0, dz)
+            xm, dz = _centered_grad(x_ptr, dy_ptr, o, msk, mu, k, h, RELU, ACC)
             dx = dz * k[:, None] + xm * q + r
             tl.store(dx_ptr + o, dx.to(dx_ptr.dtype.element_ty), mask=msk)
 
