@@ -22,6 +22,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <bit>
+#include <cstdint>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -52,17 +54,42 @@ constexpr int64_t kParallelMin = 1 << 14;  // fewer elements than this stay on o
 
 template <typename T, typename A> inline A ld(const T* p, int64_t i) { return static_cast<A>(p[i]); }
 
+// keep ? v : 0 without a branch: the ReLU mask is data-dependent, and a branch in a scalar tail mispredicts half the
+// time (it was the top cost of the NCHW backward at S = 49). Bit select, so a NaN or inf dy is masked to 0 as well.
+template <typename A> inline A keep_if(bool keep, A v) {
+  using U = std::conditional_t<sizeof(A) == 4, uint32_t, uint64_t>;
+  return std::bit_cast<A>(std::bit_cast<U>(v) & (U(0) - U(keep)));
+}
+
 // Running (count, mean, M2); chan_merge adds a piece of nb elements with mean mb and M2 qb.
 template <typename A> struct Moments { A n = 0, mean = 0, m2 = 0; };
 template <typename A> inline void chan_merge(Moments<A>& m, A nb, A mb, A qb) {
   const A n = m.n + nb, d = mb - m.mean, f = nb / n;
   m.mean += d * f;
-  m.m2 += qb + d * d * m.n * f;
+  m.m2 += qb + d * d * (m.n * f);
   m.n = n;
+}
+// The same merge with f = nb / (m.n + nb) and g = m.n * f given: NHWC merges every channel's blocks in the same
+// order, so the counts (and the divisions) are per block, not per channel. m.n is left alone.
+template <typename A> inline void chan_merge(Moments<A>& m, double f, double g, A mb, A qb) {
+  const A d = mb - m.mean;
+  m.mean += d * static_cast<A>(f);
+  m.m2 += qb + d * d * static_cast<A>(g);
 }
 
 template <typename A> inline A rsqrt_var(A m2, int64_t count, double eps) {
   return static_cast<A>(1.0 / std::sqrt(static_cast<double>(m2 / static_cast<A>(count)) + eps));
+}
+
+// acc[0] + ... + acc[kLanes - 1] as a fixed pairwise tree. A left-to-right sum is a chain of kLanes dependent adds
+// (~4 cycles each); on short rows (S = 49 in BiT's last stage) that chain, once per channel, cost more than the data.
+// Written out level by level so that it compiles to two vector adds and a short shuffle tail, not a loop.
+template <typename A> inline A tree_sum(const A* acc) {
+  static_assert(kLanes == 16, "tree_sum is written for 16 lanes");
+  A h8[8], h4[4];
+  for (int j = 0; j < 8; ++j) h8[j] = acc[j] + acc[j + 8];
+  for (int j = 0; j < 4; ++j) h4[j] = h8[j] + h8[j + 4];
+  return (h4[0] + h4[2]) + (h4[1] + h4[3]);
 }
 
 // sum_{i < n} f(i) with kLanes independent partials (vectorises; the order depends on n only).
@@ -73,8 +100,7 @@ template <typename A, typename F> inline A lane_sum(int64_t n, F f) {
     for (int j = 0; j < kLanes; ++j) acc[j] += f(i + j);
   A s = 0;
   for (; i < n; ++i) s += f(i);
-  for (int j = 0; j < kLanes; ++j) s += acc[j];
-  return s;
+  return tree_sum(acc) + s;
 }
 
 // ------------------------------------------------------------------------------------------------ NCHW
@@ -122,7 +148,7 @@ BITFAST_CLONES void bwd_group(const T* dy, const T* x, T* dx, int64_t D, int64_t
     auto add = [&](int64_t i, A& t0, A& t1) {
       const A xm = ld<T, A>(xc, i) - mu;
       A dz = ld<T, A>(gc, i);
-      if (Relu) dz = xm * k + h <= A(0) ? A(0) : dz;
+      if (Relu) dz = keep_if(xm * k + h > A(0), dz);
       t0 += dz;
       t1 += dz * xm;
     };
@@ -134,9 +160,8 @@ BITFAST_CLONES void bwd_group(const T* dy, const T* x, T* dx, int64_t D, int64_t
       for (; i + kLanes <= i1; i += kLanes)
         for (int j = 0; j < kLanes; ++j) add(i + j, s0[j], s1[j]);
       for (; i < i1; ++i) add(i, u0, u1);
-      for (int j = 0; j < kLanes; ++j) u0 += s0[j], u1 += s1[j];
-      t0 += u0;
-      t1 += u1;
+      t0 += tree_sum(s0) + u0;
+      t1 += tree_sum(s1) + u1;
     }
     sdz[d] = t0;
     sdzxm[d] = t1;
@@ -263,11 +288,17 @@ BITFAST_CLONES void block_bwd_dx(const T* __restrict__ dy, const T* __restrict__
 struct NhwcSplit {
   int64_t R, B, NS;
   bool per_sample;
+  std::vector<double> frac, grow;  // (B,): chan_merge's f and g for block blk, merged in block order
   NhwcSplit(const GNArgs& a) {
     R = std::min(a.S, kRows);
     B = (a.S + R - 1) / R;
     NS = std::max<int64_t>(1, std::min(a.N, kCacheElems / (a.S * a.C)));
     per_sample = a.N >= 2 * omp_get_max_threads();
+    for (int64_t blk = 0; blk < B; ++blk) {
+      const double before = static_cast<double>(blk * R), f = rows(blk, a.S) / (before + rows(blk, a.S));
+      frac.push_back(f);
+      grow.push_back(before * f);
+    }
   }
   int64_t rows(int64_t blk, int64_t S) const { return std::min(R, S - blk * R); }
   // Calls f(n0, ns, inner_parallel) over all samples as described above; f gets its own scratch per call.
@@ -306,7 +337,7 @@ void fwd_nhwc_samples(const GNArgs& a, const NhwcSplit& sp, const T* x, const A*
     for (int64_t d = 0; d < D; ++d) {
       for (int64_t blk = 0; blk < sp.B; ++blk) {
         const int64_t j = (i * sp.B + blk) * C + c0 + d;
-        chan_merge(ch[d], static_cast<A>(sp.rows(blk, S)), pm[j], pq[j]);
+        chan_merge(ch[d], sp.frac[blk], sp.grow[blk], pm[j], pq[j]);
       }
       ch[d].mean += ld<T, A>(x0, c0 + d) - ref;
       gmean += ch[d].mean;
