@@ -62,6 +62,22 @@ def test_upstream_schedule():
     assert s[1:] == [round(30 * spe), round(60 * spe), round(80 * spe), 90 * spe]
     assert s[0] == min(5000, 90 * spe // 10)
     assert hr.upstream_lr(4096) == pytest.approx(0.48)
+    assert hr.upstream_supports(spe, warmup=5000) == s  # bit-m is the default, 90 epochs its default length
+
+
+def test_upstream_bit_l_schedule_and_scaling():
+    spe = random.randint(100, 300)
+    s = hr.upstream_supports(spe, warmup=5000, schedule="bit-l")  # paper: 40 epochs, /10 after 10, 23, 30, 37
+    assert s[1:] == [10 * spe, 23 * spe, 30 * spe, 37 * spe, 40 * spe]
+    half = hr.upstream_supports(spe, epochs=20, warmup=10, schedule="bit-l")
+    assert half == [10, round(5 * spe), round(11.5 * spe), 15 * spe, round(18.5 * spe), 20 * spe]
+    with pytest.raises(ValueError, match="schedule"):
+        hr.upstream_supports(spe, schedule="bit-xl")
+    with pytest.raises(ValueError, match="epochs"):
+        hr.upstream_supports(spe, epochs=0)
+    r = C.resolve(C.make_config("upstream", schedule="bit-l"), 4096 * 2000, (256, 256), 1000)
+    assert r.supports == [5000, 20_000, 46_000, 60_000, 74_000, 80_000]
+    assert "bit-l" in r.why["supports"] and "10/23/30/37 of 40" in r.why["supports"]
 
 
 def test_resolve_transfer_reasons_and_overrides():

@@ -50,7 +50,9 @@ def _add_run_flags(p, upstream=False):
     a("--conv", choices=C.CHOICES["conv"], help="ws (default) or plain")
     a("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     if upstream:
-        a("--epochs", type=float, help="upstream epochs (default 90; /10 at 30/60/80, scaled)")
+        a("--schedule", choices=C.CHOICES["schedule"],
+          help="bit-m (default: BiT-S/M, 90 epochs, /10 at 30/60/80) or bit-l (BiT-L: 40 epochs, /10 at 10/23/30/37)")
+        a("--epochs", type=float, help="upstream epochs (default: the schedule's; decay epochs scale with it)")
         a("--warmup", type=int, help="upstream warmup steps (default 5000, capped at a tenth of the run)")
         a("--weight-decay", type=float, help="default 1e-4 upstream")
         a("--loss", choices=C.CHOICES["loss"], help="softmax (default) or sigmoid cross-entropy")

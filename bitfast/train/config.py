@@ -30,7 +30,8 @@ class TrainConfig:
     no_flip: bool = False
     no_crop: bool = False
     weight_decay: Optional[float] = None  # transfer: 0; upstream: 1e-4
-    epochs: float = 90.0  # upstream only
+    schedule: str = "bit-m"  # upstream only: "bit-m" (90 epochs, /10 at 30/60/80) or "bit-l" (40; 10/23/30/37)
+    epochs: Optional[float] = None  # upstream only; default: the schedule's (decay epochs scale with it)
     warmup: int = 5000  # upstream only (capped at a tenth of the run)
     loss: str = "softmax"  # or "sigmoid" (multi-label upstream data, as ImageNet-21k)
     norm: str = "gn"  # model variants for scratch/ablation runs
@@ -60,7 +61,7 @@ PRESETS = {
 }
 
 CHOICES = dict(mode=("transfer", "upstream"), precision=("fp32", "bf16", "fp16"), loss=("softmax", "sigmoid"),
-               norm=("gn", "bn"), conv=("ws", "plain"))
+               norm=("gn", "bn"), conv=("ws", "plain"), schedule=tuple(hr.UPSTREAM_SCHEDULES))
 
 
 def _coerce(name, typ, text):
@@ -198,8 +199,11 @@ def resolve(cfg, dataset_size, image_hw, num_classes, world_size=1):
         mix, why["mixup"] = hr.mixup_alpha(dataset_size)
     else:
         spe = max(1, dataset_size // cfg.batch)
-        supports = hr.upstream_supports(spe, cfg.epochs, cfg.warmup)
-        why["supports"] = f"upstream: {cfg.epochs:g} epochs x {spe} steps, /10 at epochs 30/60/80 of 90 (scaled)"
+        supports = hr.upstream_supports(spe, cfg.epochs, cfg.warmup, cfg.schedule)
+        ref, decays = hr.UPSTREAM_SCHEDULES[cfg.schedule]
+        epochs = ref if cfg.epochs is None else cfg.epochs
+        why["supports"] = (f"upstream {cfg.schedule}: {epochs:g} epochs x {spe} steps, /10 at epochs "
+                           f"{'/'.join(map(str, decays))} of {ref}" + (" (scaled)" if epochs != ref else ""))
         lr, why["lr"] = hr.upstream_lr(cfg.batch), f"upstream: 0.03 x batch/256 = {hr.upstream_lr(cfg.batch):g}"
         wd, why["weight_decay"] = 1e-4, "upstream recipe: weight decay 1e-4"
         mix, why["mixup"] = 0.0, "upstream recipe: no MixUp"

@@ -76,14 +76,26 @@ def lr_at(step, supports, base_lr):
     return base_lr * 0.1 ** sum(1 for d in supports[1:] if d < step)
 
 
-def upstream_supports(steps_per_epoch, epochs=90, warmup=5000, decay_epochs=(30, 60, 80)):
-    """Upstream step schedule (BiT-S/M: 90 epochs, /10 at 30, 60, 80; warmup 5000 steps).
+# Upstream schedules (paper §3.3): (epochs, epochs after which the lr drops by 10x).
+UPSTREAM_SCHEDULES = {
+    "bit-m": (90, (30, 60, 80)),  # BiT-S and BiT-M (ILSVRC-2012, ImageNet-21k)
+    "bit-l": (40, (10, 23, 30, 37)),  # BiT-L (JFT-300M)
+}
 
-    Decay epochs are scaled when `epochs` differs from the recipe's 90 (BiT-L: 40 epochs, 10/23/30/37 —
-    pass decay_epochs explicitly). Warmup is capped at a tenth of the run so short runs still decay.
+
+def upstream_supports(steps_per_epoch, epochs=None, warmup=5000, schedule="bit-m"):
+    """Upstream step schedule [warmup, decays..., end] for one of UPSTREAM_SCHEDULES.
+
+    `epochs` (default: the schedule's own) stretches the decay epochs proportionally. Warmup (5000 steps in the
+    paper) is capped at a tenth of the run so short runs still decay.
     """
+    if schedule not in UPSTREAM_SCHEDULES:
+        raise ValueError(f"schedule must be one of {sorted(UPSTREAM_SCHEDULES)}, got {schedule!r}")
+    ref, decay_epochs = UPSTREAM_SCHEDULES[schedule]
+    epochs = ref if epochs is None else epochs
+    if epochs <= 0:
+        raise ValueError(f"epochs must be positive, got {epochs}")
     total = max(1, round(epochs * steps_per_epoch))
-    ref = 90 if len(decay_epochs) == 3 and tuple(decay_epochs) == (30, 60, 80) else epochs
     decays = [max(1, round(e * epochs / ref * steps_per_epoch)) for e in decay_epochs]
     warm = min(int(warmup), max(1, total // 10))
     return [warm] + decays + [total]
