@@ -243,3 +243,21 @@ def test_cli_signal_with_workers_checkpoints_and_exits(tmp_path, sig):
     assert f"stopped by {signal.Signals(sig).name}" in stdout and "Traceback" not in stderr
     ck = torch.load(out / "last.pt", weights_only=True)
     assert ck["step"] >= 2 and ck["config"]["steps"] == 100000
+
+
+def test_progress_plain_lines_off_a_terminal(tmp_path, capsys):
+    """Without a terminal (a log file, CI) progress is rate-limited plain lines, not tqdm redraws; the last step
+    always prints, and every logged step still reaches metrics.jsonl."""
+    from bitfast.train import report
+
+    metrics = report.Metrics(str(tmp_path), tensorboard=False)
+    p = report.Progress(metrics, total=40, start=0, log_every=5, desc="transfer", line_every=3600, tty=False)
+    for step in range(1, 41):
+        p.update(step, loss_sum=2.0 * 8, n=8, lr=0.003)
+    p.close()
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[transfer]")]
+    assert len(lines) == 2 and "step 5/40" in lines[0] and "step 40/40" in lines[1], lines
+    assert "loss 2.0000" in lines[1] and "eta 0:00" in lines[1] and "\r" not in "".join(lines)
+    rows = report.read_metrics(metrics.path)
+    assert [r["step"] for r in rows] == list(range(5, 41, 5))
+    assert report.Progress(None, 40, 0, 5, "x", tty=False).lines is False  # other ranks print nothing

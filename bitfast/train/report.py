@@ -1,6 +1,7 @@
 """What a run leaves behind (rank 0 only): metrics.jsonl, TensorBoard events if available, plot.png, summary."""
 import json
 import os
+import sys
 import time
 
 
@@ -37,14 +38,20 @@ class Metrics:
 
 
 class Progress:
-    """Rank 0's view of training: a tqdm bar (step, loss, lr, img/s, ETA) and the train rows of metrics.jsonl.
-    On other ranks (metrics=None) every method does nothing."""
+    """Rank 0's view of training and the train rows of metrics.jsonl. On a terminal: a tqdm bar (step, loss, lr,
+    img/s, ETA). Otherwise (a log file, CI): one plain line at most every `line_every` seconds, since a bar's
+    carriage-return redraws would fill the log. On other ranks (metrics=None) every method does nothing."""
 
-    def __init__(self, metrics, total, start, log_every, desc, bar=True):
-        self.metrics, self.every, self.bar = metrics, log_every, None
-        if metrics is not None and bar:
+    def __init__(self, metrics, total, start, log_every, desc, bar=True, line_every=30.0, tty=None):
+        self.metrics, self.every, self.bar, self.lines = metrics, log_every, None, False
+        self.total, self.start, self.desc, self.line_every = total, start, desc, line_every
+        self.t0, self.last_line = time.time(), None
+        tty = sys.stderr.isatty() if tty is None else tty
+        if metrics is not None and bar and tty:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+        elif metrics is not None and bar:
+            self.lines = True
         self.restart_window()
 
     def restart_window(self):  # after an evaluation, so img/s counts training only
@@ -59,9 +66,21 @@ class Progress:
             self.metrics.write("train", step, loss=loss, lr=lr, img_s=ips)
             if self.bar:
                 self.bar.set_postfix({"loss": f"{loss:.4f}", "lr": f"{lr:.2g}", "img/s": f"{ips:.0f}"}, refresh=False)
+            elif self.lines:
+                self._line(step, loss, lr, ips)
             self.restart_window()
         if self.bar:
             self.bar.update(1)
+
+    def _line(self, step, loss, lr, ips):
+        now = time.time()
+        if self.last_line is not None and now - self.last_line < self.line_every and step < self.total:
+            return
+        self.last_line = now
+        done = step - self.start
+        eta = (now - self.t0) / done * (self.total - step) if done > 0 else float("nan")
+        print(f"[{self.desc}] step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2g}  {ips:.0f} img/s  "
+              f"eta {_clock(eta)}", flush=True)
 
     def warn(self, text):
         if self.metrics is not None:
@@ -70,6 +89,14 @@ class Progress:
     def close(self):
         if self.bar:
             self.bar.close()
+
+
+def _clock(seconds):
+    if seconds != seconds:  # nan: nothing done yet
+        return "?"
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def read_metrics(path):
