@@ -235,6 +235,27 @@ def test_native_save_load_keeps_config(tmp_path):
         models.create("bit_tiny", num_classes=4, in_chans=1, weights=path)  # GN model, BN file
 
 
+def test_rgb_npz_into_other_in_chans(tmp_path):
+    """An RGB .npz loads into a 1- or 5-channel model: the stem is adapted (reported), the rest is loaded as is.
+    With a plain-conv stem, gray g gives exactly what the RGB model gives on (g, g, g)."""
+    rgb = randomize(models.create("bit_tiny", num_classes=4, conv="plain"), seed=3).eval()
+    path = tmp_path / "rgb.npz"
+    models.save_npz(rgb, path)
+    gray = models.create("bit_tiny", num_classes=4, conv="plain", in_chans=1).eval()
+    report = models.load_npz(gray, path)
+    assert report.stem_adapted and not (report.missing or report.unexpected or report.mismatched)
+    g = torch.rand(2, 1, 40, 40) * 2 - 1
+    torch.testing.assert_close(gray(g), rgb(g.expand(-1, 3, -1, -1)), rtol=1e-5, atol=1e-5)
+    five = models.create("bit_tiny", num_classes=4, conv="plain", in_chans=5, weights=path)
+    w = rgb.stem.conv.weight
+    assert torch.allclose(five.stem.conv.weight[:, 3:], w[:, :2] * 0.6) and five(torch.rand(1, 5, 40, 40)).shape == (1, 4)
+    ws_path = tmp_path / "ws.npz"  # a WS stem loads too (equal up to a scale per filter, see adapt_stem)
+    models.save_npz(randomize(models.create("bit_tiny", num_classes=4), seed=4), ws_path)
+    assert models.load_npz(models.create("bit_tiny", num_classes=4, in_chans=1), ws_path).stem_adapted
+    with pytest.raises(ValueError, match=r"\(O, 3, kh, kw\)"):
+        models.adapt_stem(torch.ones(8, 2, 3, 3), 1)
+
+
 class NotAllowed:  # weights_only=True must refuse to unpickle arbitrary classes
     pass
 

@@ -4,9 +4,9 @@
     logits = model(x)             # (N, 10), x in [-1, 1]
     feats = model.features(x)     # (N, 2048) pre-logits
 """
-from bitfast.models.checkpoint import (LoadReport, from_timm_state_dict, load, load_npz, load_weights, npz_names,
-                                       save, save_npz, to_timm_state_dict)
+from bitfast.models.checkpoint import (LoadReport, adapt_stem, from_timm_state_dict, load, load_npz, load_weights,
+                                       npz_names, save, save_npz, to_timm_state_dict)
 from bitfast.models.resnetv2 import CONVS, NORMS, ZOO, Arch, ResNetV2, create, list_models
 
 __all__ = ["create", "list_models", "load_npz", "save_npz", "from_timm_state_dict", "to_timm_state_dict", "save",
-           "load", "load_weights", "npz_names", "LoadReport", "ResNetV2", "Arch", "ZOO", "NORMS", "CONVS"]
+           "load", "load_weights", "npz_names", "LoadReport", "adapt_stem", "ResNetV2", "Arch", "ZOO", "NORMS", "CONVS"]

@@ -30,6 +30,19 @@ class LoadReport(NamedTuple):
     unexpected: list  # keys in the file that the model does not use
     mismatched: list  # "key: file shape vs model shape"
     head_reset: bool  # True when the head class count differed and the head was zero-initialized
+    stem_adapted: bool = False  # True when a 3-channel stem was adapted to the model's in_chans
+
+
+def adapt_stem(w, in_chans):
+    """A (O, 3, kh, kw) RGB stem kernel -> (O, in_chans, kh, kw). One channel: the sum over RGB, so a gray image
+    sees what the RGB filter saw of (g, g, g). More channels: RGB repeated, scaled by 3 / in_chans. Exact for a
+    plain conv; with a weight-standardized stem the result matches only up to a scale per filter (WS removes
+    each filter's scale), so fine-tune after loading."""
+    if w.ndim != 4 or w.shape[1] != 3:
+        raise ValueError(f"adapt_stem needs a (O, 3, kh, kw) kernel, got {tuple(w.shape)}")
+    if in_chans == 1:
+        return w.sum(1, keepdim=True)
+    return w.repeat(1, (in_chans + 2) // 3, 1, 1)[:, :in_chans] * (3.0 / in_chans)
 
 
 def _scope(module_name):
@@ -106,11 +119,17 @@ def _load_state(model, sd, source, strict, show=None):
         sd = {k: v for k, v in sd.items() if not k.startswith("head.fc.")}
         own = {k: v for k, v in own.items() if not k.startswith("head.fc.")}
         head_reset = True
+    sw, own_sw = sd.get("stem.conv.weight"), own.get("stem.conv.weight")
+    stem_adapted = (sw is not None and own_sw is not None and sw.ndim == 4 and sw.shape[1] == 3
+                    and own_sw.shape[1] != 3 and sw.shape[:1] + sw.shape[2:] == own_sw.shape[:1] + own_sw.shape[2:])
+    if stem_adapted:
+        log.warning("%s: RGB stem adapted to in_chans=%d (see bitfast.models.adapt_stem)", source, own_sw.shape[1])
+        sd = {**sd, "stem.conv.weight": adapt_stem(sw.float(), own_sw.shape[1]).to(sw.dtype)}
     missing = [show.get(k, k) for k in own if k not in sd and not k.endswith("num_batches_tracked")]  # npz lacks it
     unexpected = [show.get(k, k) for k in sd if k not in own]
     mismatched = [f"{show.get(k, k)}: {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in sd.items() if k in own and v.shape != own[k].shape]
-    report = LoadReport(missing, unexpected, mismatched, head_reset)
+    report = LoadReport(missing, unexpected, mismatched, head_reset, stem_adapted)
     problems = [f"{what} ({len(ks)}): {_fmt(ks)}" for what, ks in
                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)) if ks]
     if problems and strict:
