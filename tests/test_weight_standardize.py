@@ -202,15 +202,16 @@ def test_many_matches_per_layer_bitwise(backend, device):
     ws = [make_w(s, torch.float32, device, channels_last=(i == 2)) for i, s in enumerate(shapes)]
     dys = [torch.randn(s, device=device, dtype=torch.float16) for s in shapes]
     for out_dtype in [None, torch.float16]:
-        a = [w.clone().requires_grad_() for w in ws]
-        b = [w.clone().requires_grad_() for w in ws]
-        ya = weight_standardize_many(a, 1e-10, out_dtype, backend=backend)
+        a, b, c = ([w.clone().requires_grad_() for w in ws] for _ in range(3))
+        ya = weight_standardize_many(a, 1e-10, out_dtype, backend=backend)  # eager fast path
         yb = [weight_standardize(w, 1e-10, out_dtype, backend=backend) for w in b]
-        torch.autograd.backward(ya, [d.to(y.dtype) for d, y in zip(dys, ya)])
-        torch.autograd.backward(yb, [d.to(y.dtype) for d, y in zip(dys, yb)])
+        yc = torch.ops.bitfast.weight_standardize_many_fwd(c, 1e-10, out_dtype, backend)[0]  # what compile runs
+        for ys in (ya, yb, yc):
+            torch.autograd.backward(ys, [d.to(y.dtype) for d, y in zip(dys, ys)])
         for i in range(len(ws)):
             assert ya[i].stride() == yb[i].stride() and torch.equal(ya[i], yb[i]), f"y[{i}] differs"
             assert torch.equal(a[i].grad, b[i].grad), f"grad[{i}] differs"
+            assert torch.equal(yc[i], ya[i]) and torch.equal(c[i].grad, a[i].grad), f"custom op [{i}] differs"
         if interp:
             break
 
