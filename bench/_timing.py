@@ -212,6 +212,7 @@ def environment(device=DEVICE):
         "git": _git_commit(),
         "backends": {op: _backend.resolve(op, None, dev.type) for op in ("group_norm", "weight_standardize")},
         "quick": QUICK,
+        "cpu_heap": os.environ.get("BITFAST_BENCH_HEAP"),  # set by bench/conftest.py when it tunes glibc
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
