@@ -261,3 +261,20 @@ def test_progress_plain_lines_off_a_terminal(tmp_path, capsys):
     rows = report.read_metrics(metrics.path)
     assert [r["step"] for r in rows] == list(range(5, 41, 5))
     assert report.Progress(None, 40, 0, 5, "x", tty=False).lines is False  # other ranks print nothing
+
+
+def test_compile_trains_like_eager(tmp_path):
+    """--compile (inductor on the CPU, bitfast's custom ops inside the graph, one weight_standardize_many per
+    step) follows the eager run: same data, same steps, weights equal to float tolerance, plain state_dict keys."""
+    kw = dict(model="bit_tiny", batch=8, steps=3, ckpt_every=3, resolution="18,16", examples_per_class=3, mixup=0.0)
+    loop.train(cfg_for(tmp_path / "eager", **kw))
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    summary = loop.train(cfg_for(tmp_path / "compiled", compile=True, **kw))
+    assert summary["steps"] == 3 and counters["stats"]["unique_graphs"] > 0  # it did compile
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    a, b = final_weights(tmp_path / "eager"), final_weights(tmp_path / "compiled")
+    assert a.keys() == b.keys() and not any(k.startswith("_orig_mod") for k in b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
