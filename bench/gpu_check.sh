@@ -34,11 +34,11 @@ for stage in $STAGES; do
     models-eager) run "$PY" -m pytest bench/test_models.py -q -k "eager or max_batch" ;;
     models-compile) run "$PY" -m pytest bench/test_models.py -q -k "compile" ;;
     scaling) run "$PY" -m pytest bench/test_scaling.py -q ;;
-    report) run "$PY" -m bench.report bench/results "$OUTDIR"/pytest-benchmark-*.json
+    report) run "$PY" -m bench.report "$BITFAST_BENCH_RESULTS" "$OUTDIR"/pytest-benchmark-*.json
             cp bench/REPORT.md bench/*.png "$OUTDIR/" 2>/dev/null ;;
     *) echo "unknown stage: $stage"; exit 2 ;;
   esac
 done
-cp -r bench/results "$OUTDIR/results" 2>/dev/null
+cp -r "$BITFAST_BENCH_RESULTS" "$OUTDIR/results" 2>/dev/null
 echo "gpu_check exit status: $status" | tee -a "$OUTDIR/log.txt"
 exit $status
