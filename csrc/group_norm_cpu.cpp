@@ -38,6 +38,7 @@
 #define BITFAST_CLONES
 #endif
 #define BITFAST_SIMD _Pragma("omp simd")
+#define BITFAST_UNROLL _Pragma("GCC unroll 8")  // unrolled before vectorization: no inner loop in the SIMD body
 
 namespace bitfast {
 namespace {
@@ -57,6 +58,7 @@ template <typename T, typename A> inline A ld(const T* p, int64_t i) { return st
 
 // keep ? v : 0 without a branch: the ReLU mask is data-dependent, and a branch in a scalar tail mispredicts half the
 // time (it was the top cost of the NCHW backward at S = 49). Bit select, so a NaN or inf dy is masked to 0 as well.
+// Callers pass keep = !(z <= 0), as torch's threshold_backward does: a NaN z lets the gradient through.
 template <typename A> inline A keep_if(bool keep, A v) {
   using U = std::conditional_t<sizeof(A) == 4, uint32_t, uint64_t>;
   return std::bit_cast<A>(std::bit_cast<U>(v) & (U(0) - U(keep)));
@@ -160,7 +162,7 @@ BITFAST_CLONES void bwd_group(const T* dy, const T* x, T* dx, int64_t D, int64_t
     auto add = [&](int64_t i, A& t0, A& t1) {
       const A xm = ld<T, A>(xc, i) - mu;
       A dz = ld<T, A>(gc, i);
-      if (Relu) dz = keep_if(xm * k + h > A(0), dz);
+      if (Relu) dz = keep_if(!(xm * k + h <= A(0)), dz);
       t0 += dz;
       t1 += dz * xm;
     };
@@ -261,21 +263,63 @@ BITFAST_CLONES void block_normalize(const T* __restrict__ x, T* __restrict__ y, 
   }
 }
 
-// Per-channel sums over the block of dz and dz * (x - mean).
+// The NHWC backward loops hold a channel's state (mu, k, h, q, r, running sums) in locals and mask with keep_if.
+// With C >= kUnrollMinC they also take kUnroll rows per pass over the channels, loading that state once per
+// kUnroll rows. Measured with bench/ab_native.py against the plain row-by-row loop (backward, batch 8, 1 thread,
+// channels_last, 3 runs): C=2048 +16-18%, C=1024 +4-8%, C=512 +3-15%, C=256 +5-14%. Unrolling C <= 512 made those
+// 20-40% slower (with 2 rows as with 4; cause not found). Each channel still sees its rows in increasing order,
+// so the sums round exactly as row by row and the switch does not change results.
+constexpr int kUnroll = 4;
+constexpr int64_t kUnrollMinC = 1024;
+
+// Per-channel sums of dz and dz * (x - mean) over rows [r0, r0 + U), added to s0, s1.
+template <int U, bool Relu, typename T, typename A>
+inline void bwd_sums_rows(const T* __restrict__ dy, const T* __restrict__ x, int64_t r0, int64_t C,
+                          const A* __restrict__ mu, const A* __restrict__ k, const A* __restrict__ h,
+                          A* __restrict__ s0, A* __restrict__ s1) {
+  BITFAST_SIMD
+  for (int64_t c = 0; c < C; ++c) {
+    const A m = mu[c], kc = k[c], hc = h[c];
+    A t0 = s0[c], t1 = s1[c];
+    BITFAST_UNROLL
+    for (int u = 0; u < U; ++u) {
+      const A xm = ld<T, A>(x, (r0 + u) * C + c) - m;
+      A dz = ld<T, A>(dy, (r0 + u) * C + c);
+      if (Relu) dz = keep_if(!(xm * kc + hc <= A(0)), dz);
+      t0 += dz;
+      t1 += dz * xm;
+    }
+    s0[c] = t0;
+    s1[c] = t1;
+  }
+}
+
 template <bool Relu, typename T, typename A>
 BITFAST_CLONES void block_bwd_sums(const T* __restrict__ dy, const T* __restrict__ x, int64_t R, int64_t C,
                                    const A* __restrict__ mu, const A* __restrict__ k, const A* __restrict__ h,
                                    A* __restrict__ s0, A* __restrict__ s1) {
   std::fill(s0, s0 + C, A(0));
   std::fill(s1, s1 + C, A(0));
-  for (int64_t r = 0; r < R; ++r) {
-    BITFAST_SIMD
-    for (int64_t c = 0; c < C; ++c) {
-      const A xm = ld<T, A>(x, r * C + c) - mu[c];
-      A dz = ld<T, A>(dy, r * C + c);
-      if (Relu) dz = xm * k[c] + h[c] <= A(0) ? A(0) : dz;
-      s0[c] += dz;
-      s1[c] += dz * xm;
+  int64_t r = 0;
+  if (C >= kUnrollMinC)
+    for (; r + kUnroll <= R; r += kUnroll) bwd_sums_rows<kUnroll, Relu>(dy, x, r, C, mu, k, h, s0, s1);
+  for (; r < R; ++r) bwd_sums_rows<1, Relu>(dy, x, r, C, mu, k, h, s0, s1);
+}
+
+// dx = dz * k + (x - mu) * q + r over rows [r0, r0 + U).
+template <int U, bool Relu, typename T, typename A>
+inline void bwd_dx_rows(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, int64_t r0, int64_t C,
+                        const A* __restrict__ mu, const A* __restrict__ k, const A* __restrict__ h,
+                        const A* __restrict__ q, const A* __restrict__ r) {
+  BITFAST_SIMD
+  for (int64_t c = 0; c < C; ++c) {
+    const A m = mu[c], kc = k[c], hc = h[c], qc = q[c], rc = r[c];
+    BITFAST_UNROLL
+    for (int u = 0; u < U; ++u) {
+      const A xm = ld<T, A>(x, (r0 + u) * C + c) - m;
+      A dz = ld<T, A>(dy, (r0 + u) * C + c);
+      if (Relu) dz = keep_if(!(xm * kc + hc <= A(0)), dz);
+      dx[(r0 + u) * C + c] = static_cast<T>(dz * kc + xm * qc + rc);
     }
   }
 }
@@ -284,15 +328,10 @@ template <bool Relu, typename T, typename A>
 BITFAST_CLONES void block_bwd_dx(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, int64_t R,
                                  int64_t C, const A* __restrict__ mu, const A* __restrict__ k,
                                  const A* __restrict__ h, const A* __restrict__ q, const A* __restrict__ r) {
-  for (int64_t s = 0; s < R; ++s) {
-    BITFAST_SIMD
-    for (int64_t c = 0; c < C; ++c) {
-      const A xm = ld<T, A>(x, s * C + c) - mu[c];
-      A dz = ld<T, A>(dy, s * C + c);
-      if (Relu) dz = xm * k[c] + h[c] <= A(0) ? A(0) : dz;
-      dx[s * C + c] = static_cast<T>(dz * k[c] + xm * q[c] + r[c]);
-    }
-  }
+  int64_t s = 0;
+  if (C >= kUnrollMinC)
+    for (; s + kUnroll <= R; s += kUnroll) bwd_dx_rows<kUnroll, Relu>(dy, x, dx, s, C, mu, k, h, q, r);
+  for (; s < R; ++s) bwd_dx_rows<1, Relu>(dy, x, dx, s, C, mu, k, h, q, r);
 }
 
 // NHWC work split: blocks of R rows (B per sample). With at least 2 samples per thread, each thread runs whole
