@@ -228,24 +228,78 @@ void bwd_nchw(const GNArgs& a, const T* dy, const T* x, const A* w, const A* b, 
 // Task functions on an (R, C) block of rows; per-channel arrays are (C,). Loops run rows outer, channels inner:
 // x streams sequentially and the per-channel state stays in L1.
 
+// The NHWC loops run rows outer, channels inner (SIMD), and hold a channel's state (x0, mean, mu, k, h, q, r,
+// running sums) in locals. With C >= kUnrollMinC they take kUnroll rows per pass over the channels, loading that
+// state once per kUnroll rows. Measured with bench/ab_native.py against the plain row-by-row loops (batch 8,
+// 1 thread, channels_last). Backward: C=2048 +16-18%, C=1024 +4-8%, C=512 +3-15%, C=256 +5-14%; unrolling
+// C <= 512 too made those 20-40% slower (2 rows as 4; cause not found). Forward: C=2048 +15-20%, C=1024 +10-15%,
+// C=512 -1-2%, C=256 -7-0% (A/A noise there ~10%). Each channel still sees its rows in increasing order, so sums
+// round exactly as row by row and the switch never changes results. The row loops are written out in each task:
+// routing them through a generic lambda made the small-C forward slower (C=512: -19%).
+constexpr int kUnroll = 4;
+constexpr int64_t kUnrollMinC = 1024;
+
+// mean[c] += sum over rows [r0, r0 + U) of x - x0.
+template <int U, typename T, typename A>
+inline void sum_rows(const T* __restrict__ x, const T* __restrict__ x0, int64_t r0, int64_t C, A* __restrict__ mean) {
+  BITFAST_SIMD
+  for (int64_t c = 0; c < C; ++c) {
+    const A s = ld<T, A>(x0, c);
+    A t = mean[c];
+    BITFAST_UNROLL
+    for (int u = 0; u < U; ++u) t += ld<T, A>(x, (r0 + u) * C + c) - s;
+    mean[c] = t;
+  }
+}
+
+// m2[c] += sum over rows [r0, r0 + U) of (x - x0 - mean)^2.
+template <int U, typename T, typename A>
+inline void sq_rows(const T* __restrict__ x, const T* __restrict__ x0, int64_t r0, int64_t C,
+                    const A* __restrict__ mean, A* __restrict__ m2) {
+  BITFAST_SIMD
+  for (int64_t c = 0; c < C; ++c) {
+    const A s = ld<T, A>(x0, c), m = mean[c];
+    A t = m2[c];
+    BITFAST_UNROLL
+    for (int u = 0; u < U; ++u) {
+      const A d = ld<T, A>(x, (r0 + u) * C + c) - s - m;
+      t += d * d;
+    }
+    m2[c] = t;
+  }
+}
+
 // Per-channel moments of x - x0 over the block, exact two-pass (the block stays in L2 between the passes).
 template <typename T, typename A>
 BITFAST_CLONES void block_moments(const T* __restrict__ x, const T* __restrict__ x0, int64_t R, int64_t C,
                                   A* __restrict__ mean, A* __restrict__ m2) {
   std::fill(mean, mean + C, A(0));
   std::fill(m2, m2 + C, A(0));
-  for (int64_t r = 0; r < R; ++r) {
-    BITFAST_SIMD
-    for (int64_t c = 0; c < C; ++c) mean[c] += ld<T, A>(x, r * C + c) - ld<T, A>(x0, c);
-  }
+  int64_t r = 0;
+  if (C >= kUnrollMinC)
+    for (; r + kUnroll <= R; r += kUnroll) sum_rows<kUnroll>(x, x0, r, C, mean);
+  for (; r < R; ++r) sum_rows<1>(x, x0, r, C, mean);
   const A inv = A(1) / static_cast<A>(R);
   BITFAST_SIMD
   for (int64_t c = 0; c < C; ++c) mean[c] *= inv;
-  for (int64_t r = 0; r < R; ++r) {
-    BITFAST_SIMD
-    for (int64_t c = 0; c < C; ++c) {
-      const A d = ld<T, A>(x, r * C + c) - ld<T, A>(x0, c) - mean[c];
-      m2[c] += d * d;
+  r = 0;
+  if (C >= kUnrollMinC)
+    for (; r + kUnroll <= R; r += kUnroll) sq_rows<kUnroll>(x, x0, r, C, mean, m2);
+  for (; r < R; ++r) sq_rows<1>(x, x0, r, C, mean, m2);
+}
+
+// y = relu?((x - mu) * k + h) over rows [r0, r0 + U).
+template <int U, bool Relu, typename T, typename A>
+inline void normalize_rows(const T* __restrict__ x, T* __restrict__ y, int64_t r0, int64_t C, const A* __restrict__ mu,
+                           const A* __restrict__ k, const A* __restrict__ h) {
+  BITFAST_SIMD
+  for (int64_t c = 0; c < C; ++c) {
+    const A m = mu[c], kc = k[c], hc = h[c];
+    BITFAST_UNROLL
+    for (int u = 0; u < U; ++u) {
+      A z = (ld<T, A>(x, (r0 + u) * C + c) - m) * kc + hc;
+      if (Relu) z = z < A(0) ? A(0) : z;
+      y[(r0 + u) * C + c] = static_cast<T>(z);
     }
   }
 }
@@ -253,24 +307,12 @@ BITFAST_CLONES void block_moments(const T* __restrict__ x, const T* __restrict__
 template <bool Relu, typename T, typename A>
 BITFAST_CLONES void block_normalize(const T* __restrict__ x, T* __restrict__ y, int64_t R, int64_t C,
                                     const A* __restrict__ mu, const A* __restrict__ k, const A* __restrict__ h) {
-  for (int64_t r = 0; r < R; ++r) {
-    BITFAST_SIMD
-    for (int64_t c = 0; c < C; ++c) {
-      A z = (ld<T, A>(x, r * C + c) - mu[c]) * k[c] + h[c];
-      if (Relu) z = z < A(0) ? A(0) : z;
-      y[r * C + c] = static_cast<T>(z);
-    }
-  }
+  int64_t r = 0;
+  if (C >= kUnrollMinC)
+    for (; r + kUnroll <= R; r += kUnroll) normalize_rows<kUnroll, Relu>(x, y, r, C, mu, k, h);
+  for (; r < R; ++r) normalize_rows<1, Relu>(x, y, r, C, mu, k, h);
 }
 
-// The NHWC backward loops hold a channel's state (mu, k, h, q, r, running sums) in locals and mask with keep_if.
-// With C >= kUnrollMinC they also take kUnroll rows per pass over the channels, loading that state once per
-// kUnroll rows. Measured with bench/ab_native.py against the plain row-by-row loop (backward, batch 8, 1 thread,
-// channels_last, 3 runs): C=2048 +16-18%, C=1024 +4-8%, C=512 +3-15%, C=256 +5-14%. Unrolling C <= 512 made those
-// 20-40% slower (with 2 rows as with 4; cause not found). Each channel still sees its rows in increasing order,
-// so the sums round exactly as row by row and the switch does not change results.
-constexpr int kUnroll = 4;
-constexpr int64_t kUnrollMinC = 1024;
 
 // Per-channel sums of dz and dz * (x - mean) over rows [r0, r0 + U), added to s0, s1.
 template <int U, bool Relu, typename T, typename A>
