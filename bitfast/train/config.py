@@ -29,6 +29,11 @@ class TrainConfig:
     mixup: Optional[float] = None
     no_flip: bool = False
     no_crop: bool = False
+    eval_split: str = "auto"  # "auto": test/ when there is one (the official split), else val/; or "test", "val"
+    exclude: Optional[str] = None  # file of image paths to leave out (dedup's list of near-duplicates)
+    fewshot_seed: Optional[int] = None  # seed of the few-shot draw (default: seed): vary the draw, keep the rest
+    dropout: float = 0.0  # dropout on the pre-logits (random search, paper appendix A); HyperRule: none
+    weight_decay_init: float = 0.0  # L2 penalty towards the initial (pre-trained) weights; HyperRule: none
     weight_decay: Optional[float] = None  # transfer: 0; upstream: 1e-4
     schedule: str = "bit-m"  # upstream only: "bit-m" (90 epochs, /10 at 30/60/80) or "bit-l" (40; 10/23/30/37)
     epochs: Optional[float] = None  # upstream only; default: the schedule's (decay epochs scale with it)
@@ -61,7 +66,8 @@ PRESETS = {
 }
 
 CHOICES = dict(mode=("transfer", "upstream"), precision=("fp32", "bf16", "fp16"), loss=("softmax", "sigmoid"),
-               norm=("gn", "bn"), conv=("ws", "plain"), schedule=tuple(hr.UPSTREAM_SCHEDULES))
+               norm=("gn", "bn"), conv=("ws", "plain"), schedule=tuple(hr.UPSTREAM_SCHEDULES),
+               eval_split=("auto", "test", "val"))
 
 
 def _coerce(name, typ, text):
@@ -112,6 +118,10 @@ def validate(cfg):
             raise ValueError(f"{k} must be >= 1, got {getattr(cfg, k)}")
     if cfg.mixup is not None and cfg.mixup < 0:
         raise ValueError(f"mixup must be >= 0, got {cfg.mixup}")
+    if not 0 <= cfg.dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.weight_decay_init < 0:
+        raise ValueError(f"weight_decay_init must be >= 0, got {cfg.weight_decay_init}")
     if cfg.lr is not None and cfg.lr <= 0:
         raise ValueError(f"lr must be > 0, got {cfg.lr}")
     if cfg.resolution is not None:
