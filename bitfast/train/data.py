@@ -107,13 +107,19 @@ def _parse_classes(text):
     return out
 
 
-def open_data(spec):
-    """(train source, eval source) for an ImageFolder root or a built-in name like 'fashion-mnist:5-9'."""
+def open_data(spec, eval_split="auto", exclude=None):
+    """(train source, eval source) for an ImageFolder root or a built-in name like 'fashion-mnist:5-9'.
+
+    eval_split "auto" takes test/ when there is one (the official split, as the paper reports), else val/.
+    exclude: a file of image paths (one per line) to drop from both sources, e.g. dedup's near-duplicates."""
     if not spec:
         raise ValueError("data: give --data (an ImageFolder root with train/ and val/ or test/, or one of "
                          f"{', '.join(BUILTIN)}, optionally with ':CLASSES', e.g. fashion-mnist:5-9)")
     name, _, cls_text = spec.partition(":")
     if name in BUILTIN and not os.path.isdir(spec):
+        if eval_split == "val" or exclude:
+            raise ValueError(f"{'eval_split=val' if eval_split == 'val' else 'exclude'}: needs ImageFolder data; "
+                             f"the built-in {name} has a test split only and no file paths")
         classes = _parse_classes(cls_text) if cls_text else list(range(10))
         source = datasets.resolve_source(BUILTIN[name])
         names = [datasets.FASHION_MNIST_CLASSES[c] for c in classes if 0 <= c < 10]
@@ -124,11 +130,35 @@ def open_data(spec):
     if not os.path.isdir(train_dir):
         raise FileNotFoundError(f"data: {spec!r} is neither a built-in dataset ({', '.join(BUILTIN)}) "
                                 "nor a directory with a train/ folder")
-    eval_dir = next((os.path.join(spec, d) for d in ("val", "test") if os.path.isdir(os.path.join(spec, d))), None)
+    order = ("test", "val") if eval_split == "auto" else (eval_split,)
+    eval_dir = next((os.path.join(spec, d) for d in order if os.path.isdir(os.path.join(spec, d))), None)
     if eval_dir is None:
-        raise FileNotFoundError(f"data: {spec} has train/ but neither val/ nor test/")
+        raise FileNotFoundError(f"data: {spec} has train/ but neither test/ nor val/" if eval_split == "auto" else
+                                f"eval_split: {spec} has no {eval_split}/ folder")
     train = FolderSource(train_dir)
-    return train, FolderSource(eval_dir, classes=train.classes)
+    sources = train, FolderSource(eval_dir, classes=train.classes)
+    if exclude:
+        drop_listed(sources, exclude)
+    return sources
+
+
+def drop_listed(sources, path):
+    """Remove the images listed in file `path` (compared as real paths) from FolderSources, in place."""
+    try:
+        with open(path) as f:
+            listed = {os.path.realpath(ln.strip()) for ln in f if ln.strip() and not ln.startswith("#")}
+    except OSError as e:
+        raise FileNotFoundError(f"exclude: cannot read {path} ({e.strerror})") from None
+    dropped = 0
+    for src in sources:
+        keep = [i for i, p in enumerate(src.paths) if os.path.realpath(p) not in listed]
+        if not keep:
+            raise ValueError(f"exclude: {path} removes every image of {src.root}")
+        n = len(src.paths) - len(keep)
+        src.paths, src.labels, dropped = [src.paths[i] for i in keep], src.labels[keep], dropped + n
+        src.name = f"{src.root} (minus {n} excluded)" if n else src.name
+    if listed and not dropped:
+        raise ValueError(f"exclude: none of the {len(listed)} paths in {path} is an image of the data")
 
 
 def fewshot_indices(labels, k, seed):
