@@ -19,7 +19,7 @@ FORMAT = "bitfast-train/1"
 # Config keys that change what is computed; a resumed run must agree on them.
 MATH_KEYS = ("mode", "model", "weights", "data", "examples_per_class", "seed", "batch", "lr", "steps",
              "resolution", "paper_res", "mixup", "no_flip", "no_crop", "weight_decay", "epochs", "warmup", "loss",
-             "norm", "conv", "precision")
+             "norm", "conv", "precision", "fewshot_seed", "dropout", "weight_decay_init", "exclude")
 
 
 def save_atomic(obj, path):
@@ -84,7 +84,9 @@ def _same(key, a, b):
 
 def config_mismatch(saved, current):
     """Names of math-relevant config keys whose values differ (for a clear resume error)."""
-    return [k for k in MATH_KEYS if not _same(k, saved.get(k), current.get(k))]
+    from bitfast.train.config import TrainConfig
+    default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # keys newer than the checkpoint
+    return [k for k in MATH_KEYS if not _same(k, saved.get(k, default.get(k)), current.get(k))]
 
 
 def save_run(S, step, name="last.pt"):

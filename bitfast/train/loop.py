@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from bitfast.train import checkpoint as ck
 from bitfast.train import config as C
 from bitfast.train import data as D
-from bitfast.train import dist, report
+from bitfast.train import dist, regularize, report
 from bitfast.train.hyperrule import lr_at
 
 
@@ -144,8 +144,9 @@ def setup(cfg, world, model=None):
     S = type("Run", (), {})()  # a plain bag of run state; cleared at the end so DDP dies before the group
     S.cfg, S.world, S.bad, S.images, S.wall_before, S.images_before = cfg, world, set(), 0, 0.0, 0
     S.log = print if world.main else (lambda *a, **k: None)
-    train_src, S.eval_src = D.open_data(cfg.data)
-    S.indices = D.fewshot_indices(train_src.labels, cfg.examples_per_class, cfg.seed)
+    train_src, S.eval_src = D.open_data(cfg.data, cfg.eval_split, cfg.exclude)
+    S.indices = D.fewshot_indices(train_src.labels, cfg.examples_per_class,
+                                  cfg.seed if cfg.fewshot_seed is None else cfg.fewshot_seed)
     S.recipe = C.resolve(cfg, len(S.indices), train_src.image_hw(), len(train_src.classes), world.size)
     S.train_src = train_src
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -155,6 +156,8 @@ def setup(cfg, world, model=None):
     S.model = (model if model is not None else build_model(cfg, S.recipe.num_classes)).to(world.device)
     if cfg.channels_last:
         S.model = S.model.to(memory_format=torch.channels_last)
+    regularize.add_prelogit_dropout(S.model, cfg.dropout)
+    S.decay = regularize.DecayToInit(S.model, cfg.weight_decay_init) if cfg.weight_decay_init else None
     if cfg.precision == "fp16" and world.device.type != "cuda":
         raise ValueError("precision='fp16' needs a CUDA device; use bf16 on the CPU")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
@@ -251,6 +254,10 @@ def train_step(S, x, y, step, lr, stop):
         raise NonFiniteLoss(f"loss is not finite (nan/inf) at step {step} (lr {lr:.3g}); stopped without applying "
                             f"it. Last good checkpoint: {os.path.join(S.cfg.out, 'last.pt')} (step {step}). "
                             "Try a lower --lr, --precision fp32, or check the data.")
+    if S.decay:  # towards the initial weights, in unscaled gradient units
+        if S.scaler:
+            S.scaler.unscale_(S.opt)
+        S.decay.apply()
     if S.scaler:
         S.scaler.step(S.opt)
         S.scaler.update()
