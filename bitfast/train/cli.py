@@ -36,6 +36,12 @@ def _add_run_flags(p, upstream=False):
     a("--no-flip", action="store_true", default=None, help="no random horizontal flip (VTAB dSprites, SmallNORB)")
     a("--no-crop", action="store_true", default=None, help="no random crop: resize straight to the crop size "
                                                              "(VTAB Clevr, DMLab, KITTI, dSprites/location)")
+    a("--eval-split", choices=C.CHOICES["eval_split"], help="auto (default): test/ when there is one (the official "
+                                                            "split), else val/; or force test or val")
+    a("--exclude", help="file of image paths (one per line, e.g. dedup's exclude.txt) to leave out of the data")
+    a("--fewshot-seed", type=int, help="seed of the few-shot draw (default: --seed), to vary only the subset")
+    a("--dropout", type=float, help="dropout rate on the pre-logits (random search; HyperRule: 0)")
+    a("--weight-decay-init", type=float, help="L2 penalty towards the initial weights (random search; HyperRule: 0)")
     a("--precision", choices=C.CHOICES["precision"], help="fp32 (default), bf16 or fp16 autocast (fp16: CUDA)")
     a("--channels-last", action="store_true", default=None, help="NHWC memory format (faster on GPUs)")
     a("--compile", action="store_true", default=None, help="torch.compile the model")
@@ -77,6 +83,9 @@ def parser():
                         "stall badly when other jobs share the cores)")
     d.add_argument("--workers", type=int, default=1, help="DataLoader worker processes (default 1)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from bitfast.train import fewshot_transfer, sweep, vtab  # the evaluation protocols (issue 15)
+    for m in (vtab, fewshot_transfer, sweep):
+        m.add_parser(sub)
     return p
 
 
@@ -89,12 +98,18 @@ def config_from_args(args):
 def dry_run(cfg):
     from bitfast.train import data as D
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    train_src, eval_src = D.open_data(cfg.data)
-    idx = D.fewshot_indices(train_src.labels, cfg.examples_per_class, cfg.seed)
+    train_src, eval_src = D.open_data(cfg.data, cfg.eval_split, cfg.exclude)
+    idx = D.fewshot_indices(train_src.labels, cfg.examples_per_class,
+                            cfg.seed if cfg.fewshot_seed is None else cfg.fewshot_seed)
     recipe = C.resolve(cfg, len(idx), train_src.image_hw(), len(train_src.classes), world)
     print(C.describe(recipe))
     print(f"  data         {train_src.name}: {len(train_src):,} images, {len(idx):,} used; "
           f"eval {eval_src.name}: {len(eval_src):,}")
+    print(f"  eval split   {eval_src.name}   [--eval-split {cfg.eval_split}"
+          + (": test/ when there is one, else val/]" if cfg.eval_split == "auto" else "]"))
+    if cfg.dropout or cfg.weight_decay_init:
+        print(f"  regularize   dropout {cfg.dropout:g} on the pre-logits, weight decay {cfg.weight_decay_init:g} "
+              "towards the initial weights")
     print(f"  model        {cfg.model}" + (f" from {cfg.weights}" if cfg.weights else " (from scratch)"))
     print(f"  out          {cfg.out}")
 
@@ -114,6 +129,12 @@ def main(argv=None):
             run_demo(args.out, args.data, quick=args.quick, progress=not args.no_progress, threads=args.threads,
                      workers=args.workers)
             return 0
+        if getattr(args, "protocol", None):  # vtab, fewshot-transfer, sweep, dedup
+            from bitfast.train.protocol import Stopped
+            try:
+                return args.protocol(args)
+            except Stopped as e:
+                return e.code
         cfg = config_from_args(args)
         if args.dry_run:
             dry_run(cfg)
