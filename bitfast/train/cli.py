@@ -83,8 +83,8 @@ def parser():
                         "stall badly when other jobs share the cores)")
     d.add_argument("--workers", type=int, default=1, help="DataLoader worker processes (default 1)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
-    from bitfast.train import fewshot_transfer, sweep, vtab  # the evaluation protocols (issue 15)
-    for m in (vtab, fewshot_transfer, sweep):
+    from bitfast.train import dedup, fewshot_transfer, sweep, vtab  # the evaluation protocols (issue 15)
+    for m in (vtab, fewshot_transfer, sweep, dedup):
         m.add_parser(sub)
     return p
 
