@@ -156,7 +156,7 @@ def test_sigterm_saves_and_resumes(reference, tmp_path):
     assert result == {"stopped": "SIGTERM", "step": 7}
     assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 7
     assert signal.getsignal(signal.SIGTERM) is not None  # handler restored
-    with pytest.raises(ValueError, match="lr: None -> 0.5"):  # resuming with other settings is refused
+    with pytest.raises(ValueError, match="lr: 0.003 -> 0.5"):  # resuming with other settings is refused
         loop.train(cfg_for(tmp_path, lr=0.5), model=tiny())
     loop.train(cfg_for(tmp_path), model=tiny(seed=5))
     assert_same_weights(final_weights(reference[0]), final_weights(tmp_path))

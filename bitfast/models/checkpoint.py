@@ -228,7 +228,23 @@ def save(model, path):
                path)
 
 
+def _sniff(path):
+    """Why `path` cannot be a torch.save file, from its first bytes (None if it may be one): torch.save writes
+    a zip archive (or, before torch 1.6, a pickle, which starts with 0x80); anything else would otherwise be
+    reported by torch.load as unsupported pickled data, which it is not."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "the file is empty"
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":
+        return f"not a weights file (it starts with bytes {head.hex()}, not a zip archive or a pickle)"
+    return None
+
+
 def _torch_load(path, map_location):
+    why = _sniff(path)
+    if why:
+        raise ValueError(f"{path}: {why}; expected an official BiT .npz, a timm state_dict or a bitfast model.pt")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except (FileNotFoundError, IsADirectoryError):

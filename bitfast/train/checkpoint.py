@@ -1,13 +1,21 @@
-"""Atomic training checkpoints: model, optimizer, step, RNG states, sampler position and config.
+"""The run directory: one run at a time (a lock), atomic outputs, and training checkpoints.
 
-Written by rank 0 only: torch.save to <name>.tmp, flush + fsync, os.replace over <name>, fsync the directory.
-A crash mid-write leaves the previous checkpoint intact. Loaded with weights_only=True (plain containers and
-tensors only, so RNG states are stored as tensors and lists).
+Every file a run writes goes through `atomic_write`: write <name>.tmp, flush + fsync, os.replace over <name>,
+fsync the directory. A kill at any moment leaves either the old file or the new one, never a part; stale
+*.tmp files of a killed run are removed by the next run, which holds the lock. Checkpoints (rank 0 only) hold
+model, optimizer, step, RNG states, sampler position, config and recipe; they are loaded with weights_only=True
+(plain containers and tensors only, so RNG states are stored as tensors and lists).
 """
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import hashlib
+import json
+import math
 import os
 import random
+import socket
 import time
 
 import numpy as np
@@ -16,22 +24,18 @@ import torch
 from bitfast.train.dist import barrier
 
 FORMAT = "bitfast-train/1"
-# Config keys that change what is computed; a resumed run must agree on them.
-MATH_KEYS = ("mode", "model", "weights", "data", "examples_per_class", "seed", "batch", "lr", "steps",
-             "resolution", "paper_res", "mixup", "no_flip", "no_crop", "weight_decay", "epochs", "warmup", "loss",
-             "norm", "conv", "precision", "fewshot_seed", "dropout", "weight_decay_init", "exclude")
+OUTPUTS = ("last.pt", "model.pt", "summary.json", "plot.png", "config.json", "metrics.jsonl")
+# Config keys that change what is computed and are not already fixed in the Recipe; a resumed run must agree.
+MATH_KEYS = ("mode", "model", "weights", "data", "examples_per_class", "seed", "loss", "norm", "conv", "precision",
+             "fewshot_seed", "dropout", "weight_decay_init", "exclude")
+# Resolved values: `--lr 0.003` equals the default, `20x16` equals `20,16`, `--steps 500` equals the rule's 500.
+RECIPE_KEYS = ("dataset_size", "num_classes", "resize", "crop", "flip", "random_crop", "supports", "lr",
+               "weight_decay", "mixup", "batch")
+UPSTREAM_KEYS = ("schedule",)  # only the upstream recipe reads these
 
 
-def save_atomic(obj, path):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable
+def _fsync_dir(d):
+    try:  # make a rename durable
         fd = os.open(d, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -39,6 +43,60 @@ def save_atomic(obj, path):
             os.close(fd)
     except OSError:  # some filesystems do not allow fsync on a directory
         pass
+
+
+def atomic_write(path, write):
+    """Call write(f) on <path>.tmp, then rename it over `path`: `path` is whole or untouched. An OSError (no space
+    left on device, read-only filesystem, ...) comes back naming `path`; the partial .tmp is removed."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, e.strerror or str(e), path) from None
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def save_atomic(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def lock_run_dir(out):
+    """Create `out`, take an exclusive flock on <out>/.lock (the kernel drops it when the process dies, however
+    it dies) and remove the .tmp files of a killed run. Returns the lock's fd; close it to release."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out}: is a file, not a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot use it as the run directory ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            raise ValueError(f"--out {out}: cannot lock the run directory ({e.strerror})") from None
+        raise ValueError(f"--out {out}: another bitfast-train run is using this directory ({holder}); "
+                         "wait for it to end, or use another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    for name in OUTPUTS:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, name + ".tmp"))
+    return fd
 
 
 def load(path, map_location="cpu"):
@@ -76,30 +134,51 @@ def digest(indices):
     return hashlib.sha256(np.ascontiguousarray(indices, np.int64).tobytes()).hexdigest()[:16]
 
 
-def _same(key, a, b):
-    if key in ("data", "weights") and isinstance(a, str) and isinstance(b, str) and os.path.exists(b):
-        return os.path.realpath(a) == os.path.realpath(b)  # the same path written another way
-    return a == b
+def _canon(key, v):
+    """A config value as it resolves: real paths; a built-in data name with its source and parsed class list."""
+    if isinstance(v, str) and key in ("weights", "exclude"):
+        return os.path.realpath(os.path.expanduser(v))
+    if isinstance(v, str) and key == "data":
+        from bitfast.train.data import canonical_spec
+        return canonical_spec(v)
+    return v
 
 
-def config_mismatch(saved, current):
-    """Names of math-relevant config keys whose values differ (for a clear resume error)."""
-    from bitfast.train.config import TrainConfig
-    default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # keys newer than the checkpoint
-    return [k for k in MATH_KEYS if not _same(k, saved.get(k, default.get(k)), current.get(k))]
+def settings_mismatch(saved_cfg, saved_recipe, cfg, recipe):
+    """[(name, saved, current)] for each resolved setting that differs: empty means the same computation."""
+    default = {f.name: f.default for f in dataclasses.fields(cfg)}  # keys newer than the checkpoint
+    keys = MATH_KEYS + (UPSTREAM_KEYS if cfg.mode == "upstream" else ())
+    diff = [(k, _canon(k, saved_cfg.get(k, default.get(k))), _canon(k, getattr(cfg, k))) for k in keys]
+    now = dataclasses.asdict(recipe)
+    diff += [(k, saved_recipe.get(k), now[k]) for k in RECIPE_KEYS]
+    return [(k, a, b) for k, a, b in diff if a != b]
+
+
+def finite(tensors):
+    """True when no floating tensor holds nan or inf (the max-abs norm is finite exactly then; one sync)."""
+    ts = [t for t in tensors if torch.is_tensor(t) and t.is_floating_point()]
+    return not ts or bool(torch.isfinite(torch.nn.utils.get_total_norm(ts, math.inf)))
+
+
+def state_tensors(S):
+    return [*S.model.state_dict().values(), *(v for st in S.opt.state.values() for v in st.values())]
 
 
 def save_run(S, step, name="last.pt"):
-    """Rank 0 writes the whole training state of run `S` (see loop.setup); every rank waits for it."""
+    """Rank 0 writes the whole training state of run `S` (see loop.setup); every rank waits for it. A non-finite
+    state is never written: the checkpoint on disk stays the last finite one."""
+    path = os.path.join(S.cfg.out, name)
     if S.world.main:
+        if not finite(state_tensors(S)):
+            raise RuntimeError(f"refusing to overwrite {path} with non-finite weights or optimizer state (step {step})")
         save_atomic({"format": FORMAT, "step": step, "model": S.model.state_dict(),
-                        "optimizer": S.opt.state_dict(), "scaler": S.scaler.state_dict() if S.scaler else None,
-                        "rng": rng_state(), "sampler": {"step": step, "seed": S.cfg.seed, "batch": S.recipe.batch,
-                                                          "examples": len(S.indices),
-                                                          "examples_sha256": digest(S.indices)},
-                        "config": dataclasses.asdict(S.cfg), "recipe": dataclasses.asdict(S.recipe),
-                        "bad_images": sorted(S.bad), "wall_s": S.wall_before + time.time() - S.t_start,
-                        "train_images": S.images_before + S.images}, os.path.join(S.cfg.out, name))
+                     "optimizer": S.opt.state_dict(), "scaler": S.scaler.state_dict() if S.scaler else None,
+                     "rng": rng_state(), "sampler": {"step": step, "seed": S.cfg.seed, "batch": S.recipe.batch,
+                                                     "examples": len(S.indices), "examples_sha256": digest(S.indices)},
+                     "config": dataclasses.asdict(S.cfg), "recipe": dataclasses.asdict(S.recipe),
+                     "bad_images": sorted(S.bad), "wall_s": S.wall_before + time.time() - S.t_start,
+                     "train_images": S.images_before + S.images, "window": S.progress.window()}, path)
+    S.saved_step = step
     barrier(S.world)
 
 
@@ -111,9 +190,9 @@ def resume_run(S):
             raise FileNotFoundError(f"resume: no checkpoint at {path}")
         return 0
     state = load(path, "cpu")  # RNG states must stay on the CPU; load_state_dict moves the rest
-    bad = config_mismatch(state["config"], dataclasses.asdict(S.cfg))
+    bad = settings_mismatch(state["config"], state["recipe"], S.cfg, S.recipe)
     if bad:
-        diff = ", ".join(f"{k}: {state['config'].get(k)!r} -> {getattr(S.cfg, k)!r}" for k in bad)
+        diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in bad)
         raise ValueError(f"resume: {path} was written with different settings ({diff}); "
                          "use a new --out, or the original settings")
     if state["sampler"]["examples_sha256"] != digest(S.indices):
@@ -125,5 +204,7 @@ def resume_run(S):
     set_rng_state(state["rng"])
     S.bad.update(state["bad_images"])
     S.wall_before, S.images_before = state["wall_s"], state["train_images"]
+    S.window = state.get("window")  # the train-loss window open at the checkpoint (older checkpoints: none)
+    S.saved_step = int(state["step"])
     S.log(f"resuming from {path} at step {state['step']}")
     return int(state["step"])

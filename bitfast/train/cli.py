@@ -140,18 +140,24 @@ def main(argv=None):
             dry_run(cfg)
             return 0
         from bitfast.train.loop import train
-        result = train(cfg)
-        if result.get("stopped") in ("SIGTERM", "SIGINT"):
-            return 128 + {"SIGTERM": 15, "SIGINT": 2}[result["stopped"]]
-        return 0
+        return exit_code(train(cfg))
     except NonFiniteLoss as e:
         print(f"bitfast-train: {e}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line (BITFAST_DEBUG=1 for the traceback)
+    except (ValueError, OSError) as e:  # bad input, a full disk, ...: one clear line (BITFAST_DEBUG=1: traceback)
         if os.environ.get("BITFAST_DEBUG"):
             raise
-        print(f"bitfast-train: error: {e}", file=sys.stderr)
-        return 2
+        where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
+        print(f"bitfast-train: error: {where}{e.strerror if where and e.strerror else e}", file=sys.stderr)
+        return 2 if isinstance(e, (ValueError, FileNotFoundError)) else 1
+
+
+def exit_code(result):
+    """0 for a finished run or a planned stop_after; 128 + signal for a stop by a signal (on any rank)."""
+    stopped = result.get("stopped")
+    if stopped in (None, "stop_after"):
+        return 0
+    return 128 + {"SIGINT": 2}.get(stopped, 15)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
 about the data and the world size into a `Recipe` with every value fixed, and a reason for each.
 """
 import dataclasses
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Optional
@@ -53,6 +55,7 @@ class TrainConfig:
     stop_after: Optional[int] = None  # checkpoint and exit after this many steps in this invocation
     resume: Optional[str] = None  # a checkpoint; default: <out>/last.pt when it exists
     progress: bool = True
+    stop_timeout: float = 20.0  # seconds from SIGTERM/SIGINT to exit, checkpoint or not (README: Training)
 
 
 PRESETS = {
@@ -103,29 +106,47 @@ def apply_overrides(cfg, items):
     return validate(cfg)
 
 
+LR_MAX = 1e4  # far above any sensible lr; above ~3e38 SGD cannot even form lr * grad in fp32
+MAX_SIDE = 4096  # resize/crop limit: one 4096^2 image is already 48 MiB of uint8 and ~200 MiB as float
+SEED_MAX = 2**63 - 1  # torch.manual_seed takes 64-bit seeds
+
+
+def _flag(k):
+    return "--" + k.replace("_", "-")
+
+
+def _check(cfg, keys, ok, what, optional=False):
+    for k in keys:
+        v = getattr(cfg, k)
+        if not (optional and v is None) and not ok(v):
+            raise ValueError(f"{_flag(k)} must be {what}, got {v!r}")
+
+
 def validate(cfg):
+    """Refuse values that would crash later or silently mean something else; each message names the flag."""
     for k, allowed in CHOICES.items():
         if getattr(cfg, k) not in allowed:
-            raise ValueError(f"{k} must be one of {allowed}, got {getattr(cfg, k)!r}")
-    for k in ("batch", "batch_split", "log_every"):
-        if getattr(cfg, k) < 1:
-            raise ValueError(f"{k} must be >= 1, got {getattr(cfg, k)}")
-    for k in ("examples_per_class", "warmup"):
-        if getattr(cfg, k) < 0:
-            raise ValueError(f"{k} must be >= 0, got {getattr(cfg, k)}")
-    for k in ("steps", "stop_after"):
-        if getattr(cfg, k) is not None and getattr(cfg, k) < 1:
-            raise ValueError(f"{k} must be >= 1, got {getattr(cfg, k)}")
-    if cfg.mixup is not None and cfg.mixup < 0:
-        raise ValueError(f"mixup must be >= 0, got {cfg.mixup}")
+            raise ValueError(f"{_flag(k)} must be one of {allowed}, got {getattr(cfg, k)!r}")
+    _check(cfg, ("batch", "batch_split", "log_every"), lambda v: v >= 1, ">= 1")
+    _check(cfg, ("examples_per_class", "warmup"), lambda v: v >= 0, ">= 0")
+    _check(cfg, ("steps", "stop_after", "ckpt_every"), lambda v: v >= 1, ">= 1", optional=True)
+    _check(cfg, ("eval_every", "workers"), lambda v: v >= 0, ">= 0", optional=True)
+    _check(cfg, ("seed", "fewshot_seed"), lambda v: 0 <= v <= SEED_MAX, "in [0, 2**63)", optional=True)
+    # NaN passes every < and > test, so finiteness is checked first.
+    _check(cfg, ("mixup", "weight_decay"), lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0",
+           optional=True)
+    _check(cfg, ("epochs",), lambda v: math.isfinite(v) and v > 0, "a finite number > 0", optional=True)
+    _check(cfg, ("lr",), lambda v: math.isfinite(v) and 0 < v <= LR_MAX, f"a finite number in (0, {LR_MAX:g}]",
+           optional=True)
+    _check(cfg, ("stop_timeout",), lambda v: math.isfinite(v) and v > 0, "a finite number of seconds > 0")
     if not 0 <= cfg.dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.weight_decay_init < 0:
         raise ValueError(f"weight_decay_init must be >= 0, got {cfg.weight_decay_init}")
-    if cfg.lr is not None and cfg.lr <= 0:
-        raise ValueError(f"lr must be > 0, got {cfg.lr}")
     if cfg.resolution is not None:
         parse_resolution(cfg.resolution)
+    if cfg.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     return cfg
 
 
@@ -135,9 +156,11 @@ def parse_resolution(text):
     try:
         vals = [int(p) for p in parts]
     except ValueError:
-        raise ValueError(f"resolution must be 'RESIZE,CROP' or 'CROP', got {text!r}") from None
+        raise ValueError(f"--resolution must be 'RESIZE,CROP' or 'CROP', got {text!r}") from None
     if len(vals) not in (1, 2) or min(vals) < 1 or (len(vals) == 2 and vals[1] > vals[0]):
-        raise ValueError(f"resolution must be 'RESIZE,CROP' (crop <= resize) or 'CROP', got {text!r}")
+        raise ValueError(f"--resolution must be 'RESIZE,CROP' (crop <= resize) or 'CROP', got {text!r}")
+    if max(vals) > MAX_SIDE:
+        raise ValueError(f"--resolution must be at most {MAX_SIDE} pixels a side, got {text!r}")
     return (None, vals[0]) if len(vals) == 1 else tuple(vals)
 
 

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import signal
+import warnings
 
 import numpy as np
 import torch
@@ -22,6 +23,44 @@ from bitfast import datasets
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 BUILTIN = {"fashion-mnist": "auto", "fashion-mnist-small": "small", "fashion-mnist-full": "full"}
+MAX_PIXELS = 50_000_000  # larger images are skipped: decoding one takes >150 MB per worker (README: Training)
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit PNG/TIFF gray ("I": 32-bit ints, checked)
+
+
+def to_rgb(im):
+    """A PIL image -> 8-bit RGB. 16-bit gray is scaled by 255/65535 and float gray from [0, 1] (convert("RGB")
+    would clip both: 16-bit to near white, float to black). ValueError (a counted skip) when no honest 8-bit
+    version exists: a float image outside [0, 1], a 32-bit one beyond 16 bits, too many pixels."""
+    if im.width * im.height > MAX_PIXELS:
+        raise ValueError(f"{im.width}x{im.height} is over the {MAX_PIXELS:,}-pixel limit")
+    if im.mode not in SIXTEEN_BIT + ("F",):
+        return im.convert("RGB")  # forces decoding, so truncated files fail here; gray -> 3 channels
+    a = np.asarray(im, np.float64)
+    top = 1.0 if im.mode == "F" else 65535.0
+    if not np.isfinite(a).all() or a.min() < 0 or a.max() > top:
+        raise ValueError(f"mode {im.mode} image with values in [{a.min():g}, {a.max():g}], outside [0, {top:g}]: "
+                         "its 8-bit scale is unknown")
+    return Image.fromarray(np.rint(a * (255.0 / top)).astype(np.uint8), "L").convert("RGB")
+
+
+def _open(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS decides, in to_rgb
+        return Image.open(path)
+
+
+def _list_images(top, seen):
+    """Image files under `top` (sorted by directory), following symlinks but entering each real directory once:
+    a link loop such as cat/loop -> . would otherwise list every file again at each level."""
+    found = []
+    for dirpath, dirs, files in os.walk(top, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        found.append((dirpath, sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS))))
+    return [os.path.join(d, f) for d, files in sorted(found) for f in files]
 
 
 class ArraySource:
@@ -49,6 +88,7 @@ class FolderSource:
     in_memory = False
 
     def __init__(self, root, classes=None):
+        train = classes is None  # the training tree defines the classes; an eval tree may lack some
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data: {root} is not a directory")
         found = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
@@ -58,18 +98,19 @@ class FolderSource:
         if extra:
             raise ValueError(f"data: {root} has classes not in the training set: {extra[:5]}")
         self.root, self.classes, self.name = root, list(classes), root
-        self.paths, labels = [], []
+        self.paths, labels, seen, self.empty = [], [], set(), []
         for label, cls in enumerate(self.classes):
             d = os.path.join(root, cls)
-            if not os.path.isdir(d):
-                continue
-            for dirpath, _, files in sorted(os.walk(d, followlinks=True)):
-                for f in sorted(files):
-                    if f.lower().endswith(IMAGE_EXTENSIONS):
-                        self.paths.append(os.path.join(dirpath, f))
-                        labels.append(label)
+            files = _list_images(d, seen) if os.path.isdir(d) else []
+            if not files and os.path.isdir(d):
+                self.empty.append(cls)
+            self.paths += files
+            labels += [label] * len(files)
         if not self.paths:
             raise ValueError(f"data: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}/<class>/")
+        if self.empty and train:  # a class without examples can never be learned, yet it gets a head output
+            raise ValueError(f"data: {len(self.empty)} class folder(s) under {root} hold no images: "
+                             f"{', '.join(self.empty[:5])}; add images or remove the folder(s)")
         self.labels = np.asarray(labels, np.int64)
 
     def __len__(self):
@@ -79,15 +120,15 @@ class FolderSource:
         return self.paths[i]
 
     def load(self, i):
-        with Image.open(self.paths[i]) as im:
-            return im.convert("RGB")  # forces decoding, so truncated files fail here; gray -> 3 channels
+        with _open(self.paths[i]) as im:
+            return to_rgb(im)
 
     def image_hw(self, sample=64):
         """Median (H, W) over up to `sample` evenly spaced files (headers only)."""
         sizes = []
         for i in np.linspace(0, len(self) - 1, min(sample, len(self))).astype(int):
             try:
-                with Image.open(self.paths[i]) as im:
+                with _open(self.paths[i]) as im:
                     sizes.append((im.height, im.width))
             except Exception:  # a corrupt file here is counted later, when it is loaded
                 continue
@@ -105,6 +146,19 @@ def _parse_classes(text):
         a, _, b = part.partition("-")
         out += list(range(int(a), int(b or a) + 1))
     return out
+
+
+def canonical_spec(spec):
+    """--data as it resolves, for comparing two runs: a built-in name as its source and class list
+    ('fashion-mnist:5-9' == 'fashion-mnist-small:5,6,7,8,9' without the Debian package), else the real path."""
+    name, _, cls_text = spec.partition(":")
+    if name in BUILTIN and not os.path.isdir(spec):
+        try:
+            classes = _parse_classes(cls_text) if cls_text else list(range(10))
+            return f"fashion-mnist-{datasets.resolve_source(BUILTIN[name])}:{','.join(map(str, classes))}"
+        except (ValueError, FileNotFoundError):
+            return spec
+    return os.path.realpath(os.path.expanduser(spec))
 
 
 def open_data(spec, eval_split="auto", exclude=None):
@@ -226,16 +280,18 @@ class View(torch.utils.data.Dataset):
     def __getitem__(self, item):
         i, seed = item
         label = int(self.source.labels[i])
-        try:
-            img = self.source.load(i)
-        except Exception as e:  # unreadable / corrupt: skipped and counted by the loop, never fatal
+        try:  # decoding and the transform: either may fail on a bad or huge image (MemoryError included)
+            return self._transform(self.source.load(i), seed), label, None
+        except Exception as e:  # skipped and counted by the loop, never fatal
             return None, label, f"{self.source.describe(i)} ({type(e).__name__}: {e})"
+
+    def _transform(self, img, seed):
         if seed is None:
-            return eval_transform(img, self.r.crop), label, None
+            return eval_transform(img, self.r.crop)
         rng = np.random.default_rng(seed)
         if self.upstream and self.r.random_crop:
-            return inception_transform(img, rng, self.r.crop, self.r.flip), label, None
-        return train_transform(img, rng, self.r.resize, self.r.crop, self.r.flip, self.r.random_crop), label, None
+            return inception_transform(img, rng, self.r.crop, self.r.flip)
+        return train_transform(img, rng, self.r.resize, self.r.crop, self.r.flip, self.r.random_crop)
 
 
 def collate(items):

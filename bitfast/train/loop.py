@@ -10,7 +10,6 @@ resumes to the same weights, bit for bit on CPU fp32 with the same world size.
 """
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -33,16 +32,27 @@ class NonFiniteLoss(RuntimeError):
 
 
 class StopSignal:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the step and returns. A second SIGINT
-    raises KeyboardInterrupt at once."""
+    """SIGTERM/SIGINT set a flag; the loop stops at the next consistent point (the end of a step, or between
+    eval batches), checkpoints and returns. A watchdog bounds the wait: `timeout` s after the signal the process
+    exits with 128 + signal even inside a long step or write, leaving the last checkpoint on disk (all writes
+    are atomic). It hears of the signal through signal.set_wakeup_fd, which the C-level handler writes at once,
+    while the Python handler runs only after the torch op the main thread is in. A second SIGINT raises
+    KeyboardInterrupt at once."""
 
-    def __init__(self):
-        self.signum, self._prev = None, {}
+    def __init__(self, timeout=20.0):
+        self.signum, self.timeout, self._prev, self._pipe = None, timeout, {}, None
+        self._done = threading.Event()
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._prev[s] = signal.signal(s, self._handle)
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._prev[s] = signal.signal(s, self._handle)
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        self._pipe, self._old_fd = (r, w), signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        self._watchdog = threading.Thread(target=self._watch, args=(r,), daemon=True, name="bitfast-stop")
+        self._watchdog.start()
         return self
 
     def _handle(self, signum, frame):
@@ -50,16 +60,41 @@ class StopSignal:
             raise KeyboardInterrupt
         self.signum = signum
 
+    def _watch(self, r):
+        sig = None
+        while sig is None:  # other signals with Python handlers (SIGCHLD of DataLoader workers) come here too
+            data = os.read(r, 64)
+            if not data:  # the pipe was closed: the run is over
+                return
+            sig = next((b for b in data if b in (signal.SIGTERM, signal.SIGINT)), None)
+        if self._done.wait(self.timeout):
+            return
+        os.write(2, f"\nbitfast-train: still running {self.timeout:g} s after {signal.Signals(sig).name}; exiting "
+                    "now without a new checkpoint (the last one on disk is kept)\n".encode())
+        os._exit(128 + sig)
+
     def __exit__(self, *exc):
+        self._done.set()
         for s, h in self._prev.items():
             signal.signal(s, h)
+        if self._pipe:
+            signal.set_wakeup_fd(self._old_fd)
+            os.close(self._pipe[1])  # the watchdog reads EOF and ends
+            self._watchdog.join(1)
+            os.close(self._pipe[0])
 
 
 def build_model(cfg, num_classes):
     from bitfast import models
+    if cfg.weights and not os.path.isfile(cfg.weights):
+        raise ValueError(f"--weights {cfg.weights}: " + ("is a directory, not a weights file"
+                                                         if os.path.isdir(cfg.weights) else "no such file"))
     torch.manual_seed(cfg.seed)
-    model = models.create(cfg.model, num_classes=num_classes, weights=cfg.weights, norm=cfg.norm, conv=cfg.conv,
-                          zero_head=cfg.mode == "transfer")
+    try:
+        model = models.create(cfg.model, num_classes=num_classes, weights=cfg.weights, norm=cfg.norm,
+                              conv=cfg.conv, zero_head=cfg.mode == "transfer")
+    except ValueError as e:
+        raise ValueError(f"--weights: {e}" if cfg.weights and str(cfg.weights) in str(e) else str(e)) from None
     if cfg.mode == "transfer" and cfg.weights:
         model.reset_head(num_classes, zero=True)  # BiT transfer always starts from a new zero head
     return model
@@ -118,13 +153,19 @@ def forward_backward(S, x, y, step):
 
 @torch.no_grad()
 def evaluate(S):
-    """Top-1/top-5/loss over the whole eval set; each rank takes items r, r+W, ... (exact, no padding)."""
+    """Top-1/top-5/loss over the whole eval set; each rank takes items r, r+W, ... (exact, no padding).
+    None when a stop signal arrived (checked between batches); ValueError when no eval image could be read."""
     S.model.eval()
     batches = D.eval_batches(len(S.eval_src), 2 * S.recipe.micro_batch, S.world.rank, S.world.size)
     k = min(5, S.recipe.num_classes)
-    c1 = c5 = tot = n = 0.0
+    c1 = c5 = tot = n = stopped = 0.0
+    stop, seen_bad = getattr(S, "stop", None), []
     for x, y, bad in D.loader(D.View(S.eval_src, S.recipe), batches, S.workers, S.pin):
+        if stop is not None and stop.signum is not None:  # the weights are saved; the eval is redone on resume
+            stopped = 1.0
+            break
         S.bad.update(bad)
+        seen_bad += bad
         if x is None:
             continue
         y = y.to(S.world.device)
@@ -135,8 +176,13 @@ def evaluate(S):
         c5 += float((top == y[:, None]).any(1).sum())
         tot += float(loss_sum(logits, y, S.cfg.loss))
         n += len(y)
-    c1, c5, tot, n = dist.all_sum(S.world, [c1, c5, tot, n])
+    c1, c5, tot, n, stopped = dist.all_sum(S.world, [c1, c5, tot, n, stopped])
     S.model.train()
+    if stopped:
+        return None
+    if n == 0 and len(S.eval_src):
+        raise ValueError(f"eval: none of the {len(S.eval_src):,} eval images of {S.eval_src.name} could be read"
+                         + (f" (e.g. {seen_bad[0]})" if seen_bad else ""))
     return dict(top1=c1 / max(n, 1), top5=c5 / max(n, 1), loss=tot / max(n, 1), images=int(n))
 
 
@@ -176,25 +222,39 @@ def train(cfg, model=None):
     """Run `cfg` to the end (or to a stop); returns the summary dict. `model` overrides the zoo model (tests)."""
     cfg = C.validate(cfg)
     world = dist.init(cfg.device)
-    S = None
+    S, lock = None, None
     try:
         backend = contextlib.nullcontext()
         if cfg.backend:
             import bitfast
+            check_backend(cfg.backend, world.device.type)
             backend = bitfast.use_backend(cfg.backend)
-        with backend, StopSignal() as stop:
+        if world.main:  # before anything reads or writes the run directory
+            lock = ck.lock_run_dir(cfg.out)
+        with backend, StopSignal(cfg.stop_timeout) as stop:
             S = setup(cfg, world, model)
             return _run(S, stop)
     finally:
         if S is not None:
             S.__dict__.clear()
+        if lock is not None:
+            os.close(lock)
         dist.shutdown(world)
+
+
+def check_backend(name, device_type):
+    """A --backend that cannot run here fails now with one line, not at the first op with a long traceback."""
+    from bitfast import _backend
+    if name == "auto":
+        return
+    why = _backend.usable_why(name, device_type) if name in _backend.BACKENDS else f"not one of {_backend.BACKENDS}"
+    if why:
+        raise ValueError(f"--backend {name}: {why}")
 
 
 def _run(S, stop):
     cfg, r, world = S.cfg, S.recipe, S.world
-    if world.main:
-        os.makedirs(cfg.out, exist_ok=True)
+    S.stop, S.saved_step, S.window = stop, None, None
     start = ck.resume_run(S)
     if world.main:
         S.log(C.describe(r))
@@ -202,43 +262,65 @@ def _run(S, stop):
               f"device {world.device}, world {world.size}, model {cfg.model} "
               f"({sum(p.numel() for p in S.model.parameters()) / 1e6:.2f}M params, "
               f"{'weights ' + cfg.weights if cfg.weights else 'from scratch'})")
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump({"config": dataclasses.asdict(cfg), "recipe": dataclasses.asdict(r)}, f, indent=1)
-    metrics = report.Metrics(cfg.out, start if start else None) if world.main else None
+        if getattr(S.eval_src, "empty", None):
+            S.log(f"warning: eval class folder(s) without images: {', '.join(S.eval_src.empty[:5])}")
+        ck.write_json(os.path.join(cfg.out, "config.json"),
+                      {"config": dataclasses.asdict(cfg), "recipe": dataclasses.asdict(r)})
+    metrics = report.Metrics(cfg.out, start) if world.main else None
     total, end_this_run = r.steps, r.steps if cfg.stop_after is None else min(r.steps, start + cfg.stop_after)
     eval_every = cfg.eval_every if cfg.eval_every is not None else max(1, total // 5)
     ckpt_every = cfg.ckpt_every if cfg.ckpt_every is not None else max(1, math.ceil(total / 10))
+    eval_due = lambda s: s < total and eval_every and s % eval_every == 0  # noqa: E731
     sampler = D.StreamSampler(S.indices, r.batch, world.rank, world.size, cfg.seed, start, end_this_run)
-    progress = report.Progress(metrics, total, start, cfg.log_every, cfg.mode, bar=cfg.progress)
+    S.progress = progress = report.Progress(metrics, total, start, cfg.log_every, cfg.mode, bar=cfg.progress)
+    progress.restore(S.window)
     S.t_start, other, step = time.time(), 0.0, start  # other: time spent in eval and checkpoints
+    # The checkpoint at `start` was written before its eval (if one was due), which a kill may have cut short.
+    if start and eval_due(start) and not _eval(S, metrics, start):
+        return _stopped(S, start)
     for x, y, bad in D.loader(D.View(S.train_src, r, upstream=cfg.mode == "upstream"), sampler, S.workers, S.pin):
         lr = lr_at(step, r.supports, r.lr)
         loss, n, stopping = train_step(S, x, y, step, lr, stop)
         step += 1
-        progress.update(step, loss, n, lr, force=step == end_this_run)
+        progress.update(step, loss, n, lr, force=step == total)
         for b in bad:
-            progress.warn(f"warning: skipped unreadable image {b}")
+            if b not in S.bad:  # once per file, however often it is sampled
+                progress.warn(f"warning: skipped unreadable image {b}")
         S.bad.update(bad)
         t0 = time.time()
         if stopping or step == end_this_run or step % ckpt_every == 0:
             ck.save_run(S, step)
+        if not stopping and eval_due(step):
+            stopping = not _eval(S, metrics, step)
+            progress.restart_timer()
         if stopping:
-            progress.close()
-            why = signal.Signals(stop.signum).name if stop.signum else "a signal on another rank"
-            S.log(f"\nstopped by {why} at step {step}; checkpoint saved in {cfg.out}; run the same command to resume")
-            return dict(stopped=why, step=step)
-        if step < total and eval_every and step % eval_every == 0:
-            ev = evaluate(S)
-            if world.main:
-                metrics.write("eval", step, **ev)
-            progress.restart_window()
+            return _stopped(S, step)
         other += time.time() - t0
     train_time = time.time() - S.t_start - other
     progress.close()
     if step < total:
         S.log(f"stopped after {step - start} steps (stop_after); checkpoint saved in {cfg.out}")
         return dict(stopped="stop_after", step=step)
-    return finish(S, metrics, start, train_time)
+    summary = finish(S, metrics, start, train_time)
+    return summary if stop.signum is None else dict(summary, stopped=signal.Signals(stop.signum).name)
+
+
+def _eval(S, metrics, step):
+    """The periodic eval at `step`; False when a stop signal cut it short."""
+    ev = evaluate(S)
+    if ev is not None and S.world.main:
+        metrics.write("eval", step, **ev)
+    return ev is not None
+
+
+def _stopped(S, step):
+    """Stop on a signal: checkpoint the finished `step` (unless it is on disk already) and say how to go on."""
+    if S.saved_step != step:
+        ck.save_run(S, step)
+    S.progress.close()
+    why = signal.Signals(S.stop.signum).name if S.stop.signum else "a signal on another rank"
+    S.log(f"\nstopped by {why} at step {step}; checkpoint saved in {S.cfg.out}; run the same command to resume")
+    return dict(stopped=why, step=step)
 
 
 def train_step(S, x, y, step, lr, stop):
@@ -246,14 +328,15 @@ def train_step(S, x, y, step, lr, stop):
     for g in S.opt.param_groups:
         g["lr"] = lr
     loss, n = forward_backward(S, x, y, step)
-    finite = math.isfinite(loss)
+    # fp16: the scaler itself skips steps with inf/nan gradients. DDP has averaged the gradients: all ranks agree.
+    finite = math.isfinite(loss) and (S.scaler is not None or ck.finite(p.grad for p in S.model.parameters()))
     loss, n, nonfinite, stopping = dist.all_sum(S.world, [loss if finite else 0.0, n, float(not finite),
                                                           float(stop.signum is not None)])
-    if nonfinite:  # before the update: the checkpoint holds the last good weights
+    if nonfinite:  # before the update: the weights are still finite, so they are the last good checkpoint
         ck.save_run(S, step)
-        raise NonFiniteLoss(f"loss is not finite (nan/inf) at step {step} (lr {lr:.3g}); stopped without applying "
-                            f"it. Last good checkpoint: {os.path.join(S.cfg.out, 'last.pt')} (step {step}). "
-                            "Try a lower --lr, --precision fp32, or check the data.")
+        raise NonFiniteLoss(f"loss or gradients not finite (nan/inf) at step {step} (lr {lr:.3g}); stopped without "
+                            f"applying them. Last good checkpoint: {os.path.join(S.cfg.out, 'last.pt')} (step {step})."
+                            " Try a lower --lr, --precision fp32, or check the data.")
     if S.decay:  # towards the initial weights, in unscaled gradient units
         if S.scaler:
             S.scaler.unscale_(S.opt)
@@ -264,12 +347,19 @@ def train_step(S, x, y, step, lr, stop):
     else:
         S.opt.step()
     S.opt.zero_grad(set_to_none=True)
+    if not ck.finite(S.model.parameters()):  # finite gradients can still overflow the weights (a huge lr)
+        last = (f"Last good checkpoint: {os.path.join(S.cfg.out, 'last.pt')} (step {S.saved_step})"
+                if S.saved_step is not None else "No checkpoint had been written yet")
+        raise NonFiniteLoss(f"the update of step {step} (lr {lr:.3g}) made the weights non-finite (nan/inf); stopped, "
+                            f"and nothing non-finite was saved. {last}. Try a lower --lr.")
     S.images += int(n)
     return loss, n, bool(stopping)
 
 
 def finish(S, metrics, start, train_time):
     ev = evaluate(S)
+    if ev is None:  # a signal during the final eval; last.pt holds the finished run, a rerun redoes this
+        return _stopped(S, S.recipe.steps)
     bad = sorted(set().union(*dist.all_gather_objects(S.world, S.bad)))
     if not S.world.main:
         return dict(ev, step=S.recipe.steps)
@@ -278,7 +368,7 @@ def finish(S, metrics, start, train_time):
     from bitfast import models
     saved = ["last.pt", "metrics.jsonl", "summary.json"]
     if hasattr(S.model, "config"):  # a zoo model: loadable with bitfast.models.load or --weights
-        models.save(S.model, os.path.join(S.cfg.out, "model.pt"))
+        ck.atomic_write(os.path.join(S.cfg.out, "model.pt"), lambda f: models.save(S.model, f))
         saved.insert(0, "model.pt")
     wall = S.wall_before + time.time() - S.t_start
     trained = S.recipe.steps - start
@@ -286,8 +376,7 @@ def finish(S, metrics, start, train_time):
                    num_classes=S.recipe.num_classes,
                    steps=S.recipe.steps, wall_s=wall, img_per_s=S.images / train_time if trained else 0.0,
                    skipped_images=bad, out=S.cfg.out)
-    with open(os.path.join(S.cfg.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    ck.write_json(os.path.join(S.cfg.out, "summary.json"), summary)
     png, why = report.plot(metrics.path, os.path.join(S.cfg.out, "plot.png"), f"{S.cfg.model} {S.cfg.mode}")
     S.log(report.summary_text(summary))
     S.log(f"outputs in {S.cfg.out}: {', '.join(saved + (['plot.png'] if png else []))}")

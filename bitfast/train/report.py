@@ -1,21 +1,26 @@
 """What a run leaves behind (rank 0 only): metrics.jsonl, TensorBoard events if available, plot.png, summary."""
+import errno
 import json
 import os
 import sys
 import time
 
+from bitfast.train.checkpoint import atomic_write
+
 
 class Metrics:
-    """Appends one JSON object per line; on resume, drops lines from after the checkpoint's step."""
+    """Appends one JSON object per line, each row in one write() on an O_APPEND file. On resume from step s it
+    keeps the rows a run writes before its checkpoint at s: everything before s and the train row at s. Evals
+    at s (and later) are redone by the resumed run, and a line cut by a kill or a full disk is dropped; the
+    file is rewritten atomically, so a kill then loses nothing."""
 
     def __init__(self, out, resume_step=None, tensorboard=True):
         self.path = os.path.join(out, "metrics.jsonl")
-        if resume_step is None:
-            open(self.path, "w").close()
-        else:
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step and not r.get("final")]
-            with open(self.path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
+        kept = [] if resume_step is None else [
+            r for r in read_metrics(self.path)
+            if r.get("step", 0) < resume_step or (r.get("step") == resume_step and r.get("kind") == "train")]
+        atomic_write(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         self.tb = None
         if tensorboard:
             try:
@@ -25,14 +30,21 @@ class Metrics:
                 pass
 
     def write(self, kind, step, **values):
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        line = (json.dumps({"kind": kind, "step": step, **values}) + "\n").encode()
+        try:
+            if os.write(self.fd, line) != len(line):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, self.path) from None
         if self.tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(f"{kind}/{k}", v, step)
 
     def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         if self.tb is not None:
             self.tb.close()
 
@@ -45,30 +57,40 @@ class Progress:
     def __init__(self, metrics, total, start, log_every, desc, bar=True, line_every=30.0, tty=None):
         self.metrics, self.every, self.bar, self.lines = metrics, log_every, None, False
         self.total, self.start, self.desc, self.line_every = total, start, desc, line_every
-        self.t0, self.last_line = time.time(), None
+        self.t0, self.last_line, self.loss, self.n = time.time(), None, 0.0, 0.0
         tty = sys.stderr.isatty() if tty is None else tty
         if metrics is not None and bar and tty:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
         elif metrics is not None and bar:
             self.lines = True
-        self.restart_window()
+        self.restart_timer()
 
-    def restart_window(self):  # after an evaluation, so img/s counts training only
-        self.loss, self.n, self.t = 0.0, 0.0, time.time()
+    def restart_timer(self):  # after an evaluation or a checkpoint, so img/s counts training only
+        self.t, self.timed = time.time(), 0.0
+
+    def window(self):
+        """The train-loss window open since the last train row; a checkpoint carries it, so that a resumed
+        run writes the same train rows as an uninterrupted one."""
+        return {"loss": self.loss, "n": self.n}
+
+    def restore(self, window):
+        if window:
+            self.loss, self.n = window["loss"], window["n"]
 
     def update(self, step, loss_sum, n, lr, force=False):
         if self.metrics is None:
             return
-        self.loss, self.n = self.loss + loss_sum, self.n + n
+        self.loss, self.n, self.timed = self.loss + loss_sum, self.n + n, self.timed + n
         if step % self.every == 0 or force:
-            ips, loss = self.n / max(time.time() - self.t, 1e-9), self.loss / max(self.n, 1)
+            ips, loss = self.timed / max(time.time() - self.t, 1e-9), self.loss / max(self.n, 1)
             self.metrics.write("train", step, loss=loss, lr=lr, img_s=ips)
             if self.bar:
                 self.bar.set_postfix({"loss": f"{loss:.4f}", "lr": f"{lr:.2g}", "img/s": f"{ips:.0f}"}, refresh=False)
             elif self.lines:
                 self._line(step, loss, lr, ips)
-            self.restart_window()
+            self.loss, self.n = 0.0, 0.0
+            self.restart_timer()
         if self.bar:
             self.bar.update(1)
 
@@ -137,7 +159,7 @@ def plot(metrics_path, png_path, title=""):
     ax[2].legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return png_path, None
 
