@@ -6,11 +6,13 @@ Backends: "torch" (pure-torch reference), "cpu" (C++/OpenMP in bitfast._C), "cud
 1. the op's explicit ``backend=`` argument;
 2. the innermost ``with bitfast.use_backend(name):``, else the ``BITFAST_BACKEND`` environment variable
    (read once at import);
-3. auto: CPU tensors use "cpu"; CUDA tensors use the faster of "cuda" and "triton" as measured (``AUTO_CUDA``).
-   If auto has to fall back to "torch" it says so once.
+3. auto: on CUDA tensors the backend that passed a correctness check and was fastest on this device, measured on
+   first use per shape class and cached on disk (``bitfast.autotune``; ``BITFAST_AUTOTUNE=all`` measures for CPU
+   tensors too). Otherwise (``BITFAST_AUTOTUNE=0``, or no shape given) the static choice: CPU tensors use "cpu",
+   CUDA tensors the first usable of ``AUTO_CUDA``. If auto has to fall back to "torch" it says so once.
 
 Availability is probed once at import, so resolving a backend is plain dict lookups that torch.compile traces
-without a graph break.
+without a graph break; a measured choice is made while tracing, outside the graph (see autotune._choice).
 """
 import contextlib
 import importlib
@@ -21,9 +23,10 @@ import torch
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 
-# Per op, the CUDA backend auto picks first, from bench/results (H100, bf16, channels_last). Until GPU numbers
-# exist this is the CUDA C++ kernel; the other one is the fallback.
-AUTO_CUDA = {"group_norm": ("cuda", "triton"), "weight_standardize": ("cuda", "triton")}
+# Per op, the CUDA backend the static choice (BITFAST_AUTOTUNE=0) picks first; the other one is the fallback. No
+# GPU measurement has informed it yet: autotune measures on the user's GPU instead.
+AUTO_CUDA = {"group_norm": ("cuda", "triton"), "weight_standardize": ("cuda", "triton"),
+             "weight_standardize_many": ("cuda", "triton")}
 
 
 class BackendUnavailable(RuntimeError):
@@ -124,13 +127,22 @@ def _auto(op, device_type):
     return "torch"
 
 
-def resolve(op, backend, device_type):
-    """The backend to run `op` with, for tensors on `device_type`. Raises BackendUnavailable if asked-for is missing."""
+def resolve(op, backend, device_type, sample=None):
+    """The backend to run `op` with, for tensors on `device_type`. Raises BackendUnavailable if asked-for is missing.
+
+    sample: what the op's shape class is read from, (x, num_groups) for group_norm and (w, out_dtype) for the WS ops;
+    with it, auto measures (bitfast.autotune) on the device types autotune.TUNED names.
+    """
     name = backend if backend is not None else _STACK[-1]
     if name is None or name == "auto":
+        if sample is not None and device_type in autotune.TUNED:
+            return autotune.choose(op, sample)
         return _auto(op, device_type)
     _check_name(name, "backend")
     why = usable_why(name, device_type)
     if why is not None:
         raise BackendUnavailable(f"bitfast: backend {name!r} requested for {op} is not usable: {why}")
     return name
+
+
+from bitfast import autotune  # noqa: E402  (last: autotune reads this module's names when called)

@@ -1,9 +1,10 @@
-"""What this install can do: versions, compiled backends, usable backends and why the others are not."""
+"""What this install can do: versions, compiled backends, usable backends and why the others are not, and the
+backends autotune chose (and excluded) on this machine."""
 import platform
 
 import torch
 
-from bitfast import _backend
+from bitfast import _backend, autotune
 from bitfast.version import __version__
 
 
@@ -35,7 +36,17 @@ def report():
         # the cpu backend is judged on CPU tensors; the others on the GPU if there is one
         why = _backend.usable_why(name, "cpu" if name == "cpu" else ("cuda" if name == "cuda" else device))
         lines.append(f"{name:8} {'yes' if compiled_why is None else 'no':9} {'yes' if why is None else 'no':11} {why or ''}")
-    return lines
+    return lines + [""] + autotune_report(device)
+
+
+def autotune_report(device):
+    """Lines: what auto measures, where the cache is, and its choices and excluded backends for `device`."""
+    tuned = " and ".join(f"{t.upper()} tensors" for t in autotune.TUNED) or "nothing (static table)"
+    lines = [f"autotune: measures for {tuned} (BITFAST_AUTOTUNE: 1 = CUDA, all = CUDA and CPU, 0 = off)"]
+    path, entries = autotune.cached(device)
+    if not entries:
+        return lines + [f"no cached choices for {device} in {path} (python -m bitfast --tune measures them all)"]
+    return lines + [f"cached choices for {device}: {path}"] + autotune.table(entries)
 
 
 def info():

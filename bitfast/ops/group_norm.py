@@ -173,7 +173,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, act=None, backen
         raise ValueError(f"act must be None or 'relu', got {act!r}")
     w = check_param(weight, "weight", x, C)
     b = check_param(bias, "bias", x, C)
-    name = _backend.resolve("group_norm", backend, x.device.type)
+    name = _backend.resolve("group_norm", backend, x.device.type, (x, num_groups))
     if name == "cuda" and x.dtype == torch.float64:  # the CUDA kernels are fp32/fp16/bf16 only
         if (backend or _backend.current_backend()) == "cuda":
             raise _backend.BackendUnavailable("bitfast: the cuda backend of group_norm does not take float64 x; "

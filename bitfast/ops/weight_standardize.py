@@ -149,7 +149,7 @@ def weight_standardize(w, eps=1e-10, out_dtype=None, backend=None):
         raise TypeError(f"out_dtype must be a float dtype or None, got {out_dtype}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    name = _backend.resolve("weight_standardize", backend, w.device.type)
+    name = _backend.resolve("weight_standardize", backend, w.device.type, (w, out_dtype))
     if torch.compiler.is_compiling():
         return _fwd(w, float(eps), out_dtype, name)[0]
     return _Eager.apply(w, float(eps), out_dtype, name)

@@ -143,7 +143,7 @@ def weight_standardize_many(weights, eps=1e-10, out_dtype=None, backend=None):
         raise TypeError(f"out_dtype must be a float dtype or None, got {out_dtype}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    name = _backend.resolve("weight_standardize", backend, ws[0].device.type)
+    name = _backend.resolve("weight_standardize_many", backend, ws[0].device.type, (ws[0], out_dtype))
     if torch.compiler.is_compiling():
         return _fwd(ws, float(eps), out_dtype, name)[0]
     return list(_Eager.apply(float(eps), out_dtype, name, *ws))
