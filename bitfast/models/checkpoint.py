@@ -110,6 +110,8 @@ def _load_state(model, sd, source, strict, show=None):
     `show` maps bitfast keys to the names the user's file uses, for messages."""
     show = show or {}
     own = model.state_dict()
+    skip = tuple(getattr(model, "ignored_checkpoint_keys", {}))  # e.g. the head of a features-only model
+    sd = {k: v for k, v in sd.items() if not k.startswith(skip)}
     head_reset = False
     hw, hb = sd.get("head.fc.weight"), sd.get("head.fc.bias")
     if hw is not None and hw.ndim == 4 and hw.shape[1:] == own["head.fc.weight"].shape[1:] \
@@ -152,6 +154,8 @@ def load_npz(model, path, strict=True, prefix="resnet/"):
     arrays = read_npz(path)
     if not any(k.startswith(prefix) for k in arrays):
         raise ValueError(f"{path}: no '{prefix}' keys; not a BiT ResNet-v2 npz (keys: {_fmt(sorted(arrays), 5)})")
+    skip = tuple(prefix + v for v in getattr(model, "ignored_checkpoint_keys", {}).values())
+    arrays = {k: a for k, a in arrays.items() if not k.startswith(skip)}
     names = npz_names(model)
     to_state = {prefix + v: k for k, v in names.items()}
     sd, unexpected = {}, []

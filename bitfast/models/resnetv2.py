@@ -12,6 +12,8 @@ norm, head.fc), so timm state_dicts load without renaming.
 
 `norm` in {"gn", "bn"} and `conv` in {"ws", "plain"} give the four models of the paper's ablation
 (Tables 4/5) with identical topology and parameter count.
+
+`out_indices` (`create(name, features_only=True)`) makes a detection backbone; see `ResNetV2.forward_intermediates`.
 """
 import fnmatch
 import numbers
@@ -64,6 +66,28 @@ ZOO = {
 
 NORMS = ("gn", "bn")
 CONVS = ("ws", "plain")
+# Feature indices follow timm: 0 = stem conv (stride 2), 1..4 = stages (strides 4, 8, 16, 32).
+FEATURE_STRIDES = (2, 4, 8, 16, 32)
+
+
+class FeatureInfo(list):
+    """One dict(num_chs, reduction, module) per returned feature map, as timm's `feature_info`."""
+
+    def channels(self):
+        return [f["num_chs"] for f in self]
+
+    def reduction(self):
+        return [f["reduction"] for f in self]
+
+
+def _check_out_indices(out_indices):
+    idx = tuple(out_indices) if isinstance(out_indices, (tuple, list)) else (out_indices,)
+    ok = len(idx) > 0 and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in idx) \
+        and all(0 <= i < len(FEATURE_STRIDES) for i in idx) and list(idx) == sorted(set(idx))
+    if not ok:
+        raise ValueError(f"out_indices must be increasing ints in 0..{len(FEATURE_STRIDES) - 1} "
+                         f"(0 = stem, 1..4 = stages), got {out_indices!r}")
+    return tuple(int(i) for i in idx)
 
 
 def list_models(pattern="*"):
@@ -154,10 +178,14 @@ def _check(name, value, allowed):
 
 
 class ResNetV2(nn.Module):
-    """BiT ResNet-v2. `config` holds the constructor arguments (plain Python values) for native checkpoints."""
+    """BiT ResNet-v2. `config` holds the constructor arguments (plain Python values) for native checkpoints.
+
+    `out_indices` (timm's numbering: 0 = stem conv, 1..4 = stages) makes a features-only backbone: no head, no
+    stages after the last index, and `forward` returns the feature maps (see `forward_intermediates`).
+    """
 
     def __init__(self, depths, width, num_classes=1000, in_chans=3, norm="gn", conv="ws", groups=32,
-                 ws_eps=1e-10, zero_head=True):
+                 ws_eps=1e-10, zero_head=True, out_indices=None):
         super().__init__()
         _check("norm", norm, NORMS)
         _check("conv", conv, CONVS)
@@ -172,8 +200,11 @@ class ResNetV2(nn.Module):
         c0 = int(64 * width)
         if norm == "gn" and c0 % groups:
             raise ValueError(f"groups={groups} must divide every channel count; width={width} gives {c0} channels")
+        self.out_indices = None if out_indices is None else _check_out_indices(out_indices)
         self.config = dict(depths=depths, width=width, num_classes=int(num_classes), in_chans=int(in_chans),
                            norm=norm, conv=conv, groups=int(groups), ws_eps=float(ws_eps), zero_head=bool(zero_head))
+        if self.out_indices is not None:
+            self.config["out_indices"] = self.out_indices
 
         def make_conv(cin, cout, k, stride):
             if conv == "ws":
@@ -188,17 +219,28 @@ class ResNetV2(nn.Module):
             pad=nn.ConstantPad2d(1, 0.0),
             pool=nn.MaxPool2d(kernel_size=3, stride=2, padding=0),
         ))
-        cin, stages = c0, []
-        for i, d in enumerate(depths):
+        # A backbone builds only the stages it returns: unused ones would get no gradient (DDP rejects that).
+        n_stages = 4 if self.out_indices is None else self.out_indices[-1]
+        cin, stages, info = c0, [], [dict(num_chs=c0, reduction=2, module="stem.conv")]
+        for i, d in enumerate(depths[:n_stages]):
             cmid, cout = c0 * 2**i, 4 * c0 * 2**i
             blocks = [PreActBottleneck(cin if j == 0 else cout, cout, cmid, 2 if (i > 0 and j == 0) else 1,
                                        make_conv, make_norm) for j in range(d)]
             stages.append(Stage(blocks))
+            info.append(dict(num_chs=cout, reduction=FEATURE_STRIDES[i + 1], module=f"stages.{i}"))
             cin = cout
         self.stages = nn.Sequential(*stages)
         self.num_features = cin
-        self.norm = make_norm(cin)
-        self.head = Head(cin, num_classes)
+        self.norm = make_norm(cin) if n_stages == 4 else None
+        self.head = Head(cin, num_classes) if self.out_indices is None else None
+        if n_stages == 4:
+            info[4]["module"] = "norm"  # the last feature map is taken after the final GN+ReLU
+        self.feature_info = FeatureInfo(info if self.out_indices is None else [info[i] for i in self.out_indices])
+        # State-dict key prefixes -> npz scopes this model lacks on purpose; checkpoint loaders skip them in a file.
+        self.ignored_checkpoint_keys = {} if self.out_indices is None else {"head.fc.": "head/"}
+        if n_stages < 4:
+            self.ignored_checkpoint_keys.update({f"stages.{i}.": f"block{i + 1}/" for i in range(n_stages, 4)})
+            self.ignored_checkpoint_keys["norm."] = "group_norm/" if norm == "gn" else "batch_norm/"
         # Standardize all conv weights in one weight_standardize_many launch per step (training / with grad);
         # without grad in eval mode each StdConv2d's cached weight is cheaper still.
         self.fused_ws = conv == "ws"
@@ -207,13 +249,15 @@ class ResNetV2(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self, zero_head):
+        head = None if self.head is None else self.head.fc
         for m in self.modules():
-            if isinstance(m, nn.Conv2d) and m is not self.head.fc:
+            if isinstance(m, nn.Conv2d) and m is not head:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, (nn.GroupNorm, nn.BatchNorm2d)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        self._init_head(zero_head)
+        if head is not None:
+            self._init_head(zero_head)
 
     @torch.no_grad()
     def _init_head(self, zero):
@@ -225,6 +269,8 @@ class ResNetV2(nn.Module):
 
     def reset_head(self, num_classes, zero=True):
         """New head for `num_classes` (zero-initialized by default, as BiT transfer does)."""
+        if self.out_indices is not None:
+            raise ValueError("reset_head: a features-only model (out_indices set) has no head")
         w = self.head.fc.weight
         self.head = Head(self.num_features, num_classes).to(device=w.device, dtype=w.dtype)
         self._init_head(zero)
@@ -234,40 +280,81 @@ class ResNetV2(nn.Module):
         """All weight-standardized convs, in module order (for a batched WS pass, e.g. weight_standardize_many)."""
         return [m for m in self.modules() if isinstance(m, bnn.StdConv2d)]
 
-    def forward_features(self, x):  # (N, in_chans, H, W) -> (N, C, H/32, W/32), after the final GN+ReLU
+    def _check_input(self, x):
         if x.dim() != 4 or x.shape[1] != self.config["in_chans"]:
             raise ValueError(f"x must be (N, {self.config['in_chans']}, H, W), got {tuple(x.shape)}")
+
+    def _fused_weights(self, x):
+        """Standardized weights of std_convs() from one batched WS call, as an iterator; None for per-conv WS."""
         convs = self.std_convs()
         # Fused path only while every conv is still a StdConv2d (callers may swap modules, e.g. benchmarks).
-        fused = self.fused_ws and len(convs) == self._num_std_convs and (self.training or torch.is_grad_enabled())
-        if not fused:
-            return self.norm(self.stages(self.stem(x)))
-        ws = iter(standardize_conv_weights(convs, out_dtype=std_conv2d_autocast_dtype(x.device.type)))
-        x = self.stem.pool(self.stem.pad(self.stem.conv(x, next(ws))))
-        for stage in self.stages:
+        if self.fused_ws and len(convs) == self._num_std_convs and (self.training or torch.is_grad_enabled()):
+            return iter(standardize_conv_weights(convs, out_dtype=std_conv2d_autocast_dtype(x.device.type)))
+        return None
+
+    def forward_intermediates(self, x, out_indices=None):
+        """Feature maps for `out_indices` (default: the model's, else all it has), as a list in index order.
+
+        (N, in_chans, H, W) -> [(N, C_i, ~H/s_i, ~W/s_i)], s = 2 (stem conv), 4, 8, 16, 32 (stages 1..4); channels
+        and strides are in `feature_info`. Normalization: BiT is pre-activation, so a stage's output is a raw
+        residual sum that only the next block's GN+ReLU normalizes. We follow timm's ResNet-v2
+        (`forward_intermediates(norm=True)`): the stem and stages 1..3 are returned un-normalized, stage 4 after the
+        final GN+ReLU (what the classifier pools). timm's `features_only` wrapper (FeatureListNet at `stages.3`)
+        leaves even the last map raw; older timm versions took every map after the next block's GN+ReLU.
+        """
+        self._check_input(x)
+        if out_indices is None:
+            out_indices = self.out_indices or tuple(range(len(self.stages) + 1))
+        want = _check_out_indices(out_indices)
+        if want[-1] > len(self.stages):
+            raise ValueError(f"out_indices {want} reach past the {len(self.stages)} stages this model has")
+        ws = self._fused_weights(x)
+
+        def nxt(n):  # the next n standardized weights, or None (each conv standardizes its own)
+            return None if ws is None else [next(ws) for _ in range(n)]
+
+        x = _conv(self.stem.conv, x, None if ws is None else next(ws))  # (N, c0, H/2, W/2)
+        feats = [x] if 0 in want else []
+        x = self.stem.pool(self.stem.pad(x))  # (N, c0, H/4, W/4)
+        for i, stage in enumerate(self.stages, 1):
+            if i > want[-1]:
+                break
             for block in stage.blocks:
-                x = block(x, [next(ws) for _ in range(4 if block.downsample is not None else 3)])
-        return self.norm(x)
+                x = block(x, nxt(4 if block.downsample is not None else 3))
+            if i in want:
+                feats.append(self.norm(x) if i == 4 else x)
+        return feats
+
+    def forward_features(self, x):  # (N, in_chans, H, W) -> (N, C, H/32, W/32), after the final GN+ReLU
+        return self.forward_intermediates(x, (4,))[0]
 
     def features(self, x):  # (N, in_chans, H, W) -> (N, C) pre-logits
         return self.forward_features(x).mean((2, 3))
 
-    def forward(self, x):  # (N, in_chans, H, W) -> (N, num_classes) logits
+    def forward(self, x):  # -> (N, num_classes) logits; a features-only model: the list of forward_intermediates
+        if self.out_indices is not None:
+            return self.forward_intermediates(x)
         return self.head(self.features(x))
 
 
-def create(name, num_classes=1000, weights=None, norm="gn", conv="ws", zero_head=True, **kw):
+def create(name, num_classes=1000, weights=None, norm="gn", conv="ws", zero_head=True, features_only=False,
+           out_indices=(1, 2, 3, 4), **kw):
     """Build a zoo model by name (see `list_models()`); extra keyword arguments go to `ResNetV2`
     (in_chans, groups, ws_eps). `weights` is an optional path: an official BiT `.npz`, a native
     `bitfast.models.save` file, or a timm state_dict saved with torch.save. A head whose class count
     differs from the file is replaced by a zero-initialized one (with a logged message).
+
+    features_only=True builds a backbone without head whose forward returns the feature maps of `out_indices`
+    (0 = stem conv at stride 2, 1..4 = stages at strides 4, 8, 16, 32; see `ResNetV2.forward_intermediates`);
+    `model.feature_info.channels()` gives their channel counts. A file's head (and any stage after the last
+    index) is ignored when loading.
     """
     if name not in ZOO:
         raise ValueError(f"name must be one of list_models(), got {name!r}")
     arch = ZOO[name]
     kw.setdefault("groups", arch.groups)
     model = ResNetV2(arch.depths, arch.width, num_classes=num_classes, norm=norm, conv=conv,
-                     zero_head=zero_head, **kw)
+                     zero_head=zero_head, out_indices=out_indices if features_only else None, **kw)
     if weights is not None:
         from bitfast.models.checkpoint import load_weights
         load_weights(model, weights)
