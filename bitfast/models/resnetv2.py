@@ -280,10 +280,6 @@ class ResNetV2(nn.Module):
         """All weight-standardized convs, in module order (for a batched WS pass, e.g. weight_standardize_many)."""
         return [m for m in self.modules() if isinstance(m, bnn.StdConv2d)]
 
-    def _check_input(self, x):
-        if x.dim() != 4 or x.shape[1] != self.config["in_chans"]:
-            raise ValueError(f"x must be (N, {self.config['in_chans']}, H, W), got {tuple(x.shape)}")
-
     def _fused_weights(self, x):
         """Standardized weights of std_convs() from one batched WS call, as an iterator; None for per-conv WS."""
         convs = self.std_convs()
@@ -302,7 +298,8 @@ class ResNetV2(nn.Module):
         final GN+ReLU (what the classifier pools). timm's `features_only` wrapper (FeatureListNet at `stages.3`)
         leaves even the last map raw; older timm versions took every map after the next block's GN+ReLU.
         """
-        self._check_input(x)
+        if x.dim() != 4 or x.shape[1] != self.config["in_chans"]:
+            raise ValueError(f"x must be (N, {self.config['in_chans']}, H, W), got {tuple(x.shape)}")
         if out_indices is None:
             out_indices = self.out_indices or tuple(range(len(self.stages) + 1))
         want = _check_out_indices(out_indices)
