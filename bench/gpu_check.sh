@@ -28,7 +28,8 @@ nvidia-smi > "$OUTDIR/nvidia-smi.txt" 2>&1
 for stage in $STAGES; do
   case $stage in
     build) run "$PY" -m pip install --no-build-isolation --no-deps -e . && run "$PY" -m bitfast ;;
-    test) run "$PY" -m pytest tests -q --junitxml="$OUTDIR/tests.xml" ;;
+    test) run "$PY" -m pytest tests -q --junitxml="$OUTDIR/tests.xml"
+          run "$PY" -m bitfast --tune ;;  # what autotune checks, times and picks on this GPU (the later stages use it)
     kernels) run "$PY" -m pytest bench/test_group_norm.py bench/test_weight_standardize.py -q \
                --benchmark-json="$OUTDIR/pytest-benchmark-kernels.json" ;;
     models-eager) run "$PY" -m pytest bench/test_models.py -q -k "eager or max_batch" ;;

@@ -167,6 +167,14 @@ def test_raising_and_unwritten_backends_are_excluded(tuned, monkeypatch):
     assert "'unwritten' for group_norm" in text
 
 
+def test_no_candidate_passes_falls_back_to_torch(tuned, monkeypatch):
+    add_backend(monkeypatch, "wrong", WRONG)
+    monkeypatch.setitem(autotune.CANDIDATES, "cpu", ("wrong",))
+    with pytest.warns(UserWarning, match="excluded backend 'wrong'"):
+        with pytest.warns(UserWarning, match="no candidate passed the check for group_norm .*pure-torch"):
+            assert pick(*samples()[0]) == "torch"
+
+
 def test_prefers_the_faster_correct_backend(tuned, monkeypatch):
     add_backend(monkeypatch, "slow", slow_impls())
     monkeypatch.setitem(autotune.CANDIDATES, "cpu", ("slow", "torch", "cpu"))  # listed first, measured slower
