@@ -6,8 +6,13 @@
 
 #ifdef BITFAST_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
+
+#include <map>
+#include <mutex>
+#include <string>
 
 #include "group_norm.h"
 #include "weight_standardize.h"
@@ -33,6 +38,12 @@ bool is_channels_last(const at::Tensor& x) {
   if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return true;
   if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)) return true;
   TORCH_CHECK(false, "bitfast: x must be contiguous or channels_last, got strides ", x.strides());
+}
+
+// dy and x (or dy and a weight) are read in one memory order: compare layouts, not raw strides, which differ in
+// size-1 dimensions (a channels_last (N, C, 1, 1) tensor is also contiguous, with strides (C, 1, C, C)).
+bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  return a.sizes() == b.sizes() && is_channels_last(a) == is_channels_last(b);
 }
 
 at::Tensor empty_same_layout(const at::Tensor& x, bool channels_last, at::ScalarType dtype) {
@@ -120,7 +131,7 @@ std::vector<at::Tensor> group_norm_bwd(const at::Tensor& dy, const at::Tensor& x
   GNArgs a = gn_args(x, G, 0.0, relu);
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() && dy.device() == x.device(),
               "bitfast: dy must match x in shape, dtype and device");
-  TORCH_CHECK(dy.strides() == x.strides(), "bitfast: dy must have the same memory layout as x");
+  TORCH_CHECK(same_layout(dy, x), "bitfast: dy must have the same memory layout as x");
   check_vec(weight, x, a.C, "weight");
   check_vec(bias, x, a.C, "bias");
   for (const at::Tensor* s : {&mean, &rstd}) {
@@ -190,7 +201,7 @@ at::Tensor weight_standardize_bwd(const at::Tensor& dy, const at::Tensor& w, con
   check_device_compiled(w);
   const DType in = to_dtype(w.scalar_type(), "weight"), out = to_dtype(dy.scalar_type(), "dy");
   WSArgs a = ws_args(w, 0.0);
-  TORCH_CHECK(dy.sizes() == w.sizes() && dy.strides() == w.strides() && dy.device() == w.device(),
+  TORCH_CHECK(dy.sizes() == w.sizes() && same_layout(dy, w) && dy.device() == w.device(),
               "bitfast: dy must match weight in shape, layout and device");
   for (const at::Tensor* s : {&mean, &rstd}) {
     TORCH_CHECK(s->dim() == 1 && s->size(0) == a.O && s->scalar_type() == acc_type(w.scalar_type()) &&
@@ -237,13 +248,43 @@ WSMany ws_many_items(const std::vector<at::Tensor>& ws) {
 }
 
 #ifdef BITFAST_WITH_CUDA
-// The item table in device memory: staged in pinned memory so the copy is asynchronous (the caching host
-// allocator keeps the staging buffer alive until the copy has run).
+// The item table in device memory, cached per distinct table (the same weights give the same table every step, so
+// a hit costs no copy at all). Each entry keeps its pinned staging buffer and its device copy alive and never
+// changes them: under CUDA graph capture (torch.compile mode="reduce-overhead") the captured host-to-device copy
+// replays from a buffer whose bytes stay the table it was captured with. Entries made or used during a capture are
+// kept for the life of the process, since a graph may replay them at any time; others are evicted when the cache
+// holds kMaxTables entries. A mutex makes it safe for several threads (DataParallel-style callers).
+struct TableCache {
+  struct Entry {
+    at::Tensor host, device;
+    bool captured;
+  };
+  static constexpr size_t kMaxTables = 64;
+  std::mutex mu;
+  std::map<std::string, Entry> entries;
+};
+
 at::Tensor device_items(const std::vector<WSItem>& items, const at::Tensor& like) {
-  const int64_t bytes = static_cast<int64_t>(items.size() * sizeof(WSItem));
-  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  static TableCache cache;
+  const size_t bytes = items.size() * sizeof(WSItem);
+  std::string key(reinterpret_cast<const char*>(items.data()), bytes);
+  key += "@" + std::to_string(like.device().index());
+  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  std::lock_guard<std::mutex> lock(cache.mu);
+  auto it = cache.entries.find(key);
+  if (it != cache.entries.end()) {
+    it->second.captured |= capturing;
+    return it->second.device;
+  }
+  if (cache.entries.size() >= TableCache::kMaxTables)
+    for (auto e = cache.entries.begin(); e != cache.entries.end();)
+      e = e->second.captured ? std::next(e) : cache.entries.erase(e);
+  at::Tensor host =
+      at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   std::memcpy(host.data_ptr(), items.data(), bytes);
-  return host.to(like.device(), /*non_blocking=*/true);
+  at::Tensor device = host.to(like.device(), /*non_blocking=*/true);
+  cache.entries.emplace(std::move(key), TableCache::Entry{host, device, capturing});
+  return device;
 }
 #endif
 
@@ -286,7 +327,7 @@ std::vector<at::Tensor> weight_standardize_many_bwd(const std::vector<at::Tensor
   TORCH_CHECK(dys.size() == ws.size(), "bitfast: got ", dys.size(), " grads for ", ws.size(), " weights");
   const DType in = to_dtype(w0.scalar_type(), "weights"), out = to_dtype(dys[0].scalar_type(), "grads");
   for (size_t i = 0; i < ws.size(); ++i) {
-    TORCH_CHECK(dys[i].sizes() == ws[i].sizes() && dys[i].strides() == ws[i].strides() &&
+    TORCH_CHECK(dys[i].sizes() == ws[i].sizes() && same_layout(dys[i], ws[i]) &&
                     dys[i].device() == ws[i].device() && dys[i].scalar_type() == dys[0].scalar_type(),
                 "bitfast: grads[", i, "] must match weights[", i, "] in shape, layout and device, and grads[0] in ",
                 "dtype");

@@ -17,11 +17,11 @@
 // All element offsets are int64. fp64 is not supported here (the Python layer routes fp64 to the CPU backends).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda_launch.h"
 #include "group_norm.h"
 
 namespace bitfast {
@@ -30,7 +30,10 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kRowsPerThread = 8;               // NHWC: K rows per thread, kept in registers
-constexpr int64_t kL2Bytes = 24ll << 20;        // NHWC: a sample chunk's x (and dy) should fit in L2
+#ifndef BITFAST_GN_L2_BYTES  // the emulator tests set it small, to reach several chunks with small shapes
+#define BITFAST_GN_L2_BYTES (24ll << 20)
+#endif
+constexpr int64_t kL2Bytes = BITFAST_GN_L2_BYTES;  // NHWC: a sample chunk's x (and dy) should fit in L2
 constexpr int64_t kMaxGrid = 2147483647;
 
 __device__ __forceinline__ float to_f(float v) { return v; }
@@ -123,7 +126,7 @@ __global__ void __launch_bounds__(kThreads) nchw_fwd(const T* __restrict__ x, T*
     int np = 0;  // packs in bounds (a prefix of the U)
 #pragma unroll
     for (int u = 0; u < U; ++u)
-      if (i0 + u * step < M) p[u] = load<T, V>(xg + i0 + u * step), np = u + 1;
+      if (i0 + u * step < M + BITFAST_PLANT(2)) p[u] = load<T, V>(xg + i0 + u * step), np = u + 1;  // bug 2: <=
     float s = 0.f;
 #pragma unroll
     for (int u = 0; u < U; ++u)
@@ -291,8 +294,9 @@ __global__ void __launch_bounds__(kThreads) nhwc_moments(const T* __restrict__ x
   s_cnt[threadIdx.x] = cnt;
 #pragma unroll
   for (int j = 0; j < V; ++j) s_mu[threadIdx.x * V + j] = mu[j], s_q[threadIdx.x * V + j] = q[j];
-  __syncthreads();
-  if (th.tr == 0 && th.cv < t.CV) {  // merge the row phases in order
+  if (!BITFAST_PLANT(1)) __syncthreads();  // planted bug 1: the barrier removed
+  if (th.tr == 0 && th.cv < t.CV && !(BITFAST_PLANT(3) && blockIdx.x == 1)) {  // merge the row phases in order
+    // (planted bug 3: block 1 leaves its workspace partials unwritten)
     const int64_t o = (th.i * t.B + th.blk) * t.C + th.cv * V;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
@@ -553,8 +557,8 @@ Status fwd_launch(const GNArgs& a, const T* x, const float* w, const float* b, T
   const int64_t D = a.C / a.G;
   if (!a.channels_last) {
     if (a.N * a.G > kMaxGrid) return "group_norm: N * num_groups exceeds the CUDA grid limit";
-    nchw_fwd<T, V, Relu><<<grid_of(a.N * a.G), kThreads, 0, st>>>(x, y, w, b, mean, rstd, a.G, D, a.S,
-                                                                  float(a.eps));
+    launch(nchw_fwd<T, V, Relu>, grid_of(a.N * a.G), kThreads, 0, st, x, y, w, b, mean, rstd, a.G, D, a.S,
+           float(a.eps));
     return last_error();
   }
   const Tiles t(a.S, a.C, V);
@@ -563,10 +567,10 @@ Status fwd_launch(const GNArgs& a, const T* x, const float* w, const float* b, T
   for (int64_t n0 = 0; n0 < a.N; n0 += NS) {
     const int64_t ns = a.N - n0 < NS ? a.N - n0 : NS, tiles = ns * t.B * t.CB;
     if (tiles > kMaxGrid) return "group_norm: input too large for the CUDA grid";
-    nhwc_moments<T, V><<<grid_of(tiles), kThreads, 0, st>>>(x, t, n0, pm, pq);
-    nhwc_group_stats<T><<<grid_of((ns * a.G + kWarps - 1) / kWarps), kThreads, 0, st>>>(x, pm, pq, t, a.G, n0, ns,
-                                                                                        float(a.eps), mean, rstd);
-    nhwc_normalize<T, V, Relu><<<grid_of(tiles), kThreads, 0, st>>>(x, y, w, b, mean, rstd, t, a.G, n0);
+    launch(nhwc_moments<T, V>, grid_of(tiles), kThreads, 0, st, x, t, n0, pm, pq);
+    launch(nhwc_group_stats<T>, grid_of((ns * a.G + kWarps - 1) / kWarps), kThreads, 0, st, x, pm, pq, t, a.G, n0,
+           ns, float(a.eps), mean, rstd);
+    launch(nhwc_normalize<T, V, Relu>, grid_of(tiles), kThreads, 0, st, x, y, w, b, mean, rstd, t, a.G, n0);
   }
   return last_error();
 }
@@ -578,8 +582,8 @@ Status bwd_launch(const GNArgs& a, const T* dy, const T* x, const float* w, cons
   float *sdz = ws, *sdzxm = ws + a.N * a.C;
   if (!a.channels_last) {
     if (a.N * a.G > kMaxGrid) return "group_norm: N * num_groups exceeds the CUDA grid limit";
-    nchw_bwd<T, V, Relu><<<grid_of(a.N * a.G), kThreads, 0, st>>>(dy, x, dx, w, b, mean, rstd, a.G, D, a.S, sdz,
-                                                                  sdzxm);
+    launch(nchw_bwd<T, V, Relu>, grid_of(a.N * a.G), kThreads, 0, st, dy, x, dx, w, b, mean, rstd, a.G, D, a.S, sdz,
+           sdzxm);
   } else {
     const Tiles t(a.S, a.C, V);
     const int64_t NS = chunk_samples(a, 2 * sizeof(T)), P = partial_floats(a, 2 * sizeof(T));
@@ -588,14 +592,14 @@ Status bwd_launch(const GNArgs& a, const T* dy, const T* x, const float* w, cons
     for (int64_t n0 = 0; n0 < a.N; n0 += NS) {
       const int64_t ns = a.N - n0 < NS ? a.N - n0 : NS, tiles = ns * t.B * t.CB;
       if (tiles > kMaxGrid) return "group_norm: input too large for the CUDA grid";
-      nhwc_bwd_sums<T, V, Relu><<<grid_of(tiles), kThreads, 0, st>>>(dy, x, w, b, mean, rstd, t, a.G, n0, p0, p1);
-      nhwc_bwd_group<<<grid_of((ns * a.G + kWarps - 1) / kWarps), kThreads, 0, st>>>(p0, p1, w, rstd, t, a.G, n0,
-                                                                                      ns, sdz, sdzxm, qr);
-      nhwc_bwd_dx<T, V, Relu><<<grid_of(tiles), kThreads, 0, st>>>(dy, x, dx, w, b, mean, rstd, qr, t, a.G, n0);
+      launch(nhwc_bwd_sums<T, V, Relu>, grid_of(tiles), kThreads, 0, st, dy, x, w, b, mean, rstd, t, a.G, n0, p0, p1);
+      launch(nhwc_bwd_group, grid_of((ns * a.G + kWarps - 1) / kWarps), kThreads, 0, st, p0, p1, w, rstd, t, a.G, n0,
+             ns, sdz, sdzxm, qr);
+      launch(nhwc_bwd_dx<T, V, Relu>, grid_of(tiles), kThreads, 0, st, dy, x, dx, w, b, mean, rstd, qr, t, a.G, n0);
     }
   }
-  param_grads<<<grid_of((a.C + kThreads - 1) / kThreads), kThreads, 0, st>>>(rstd, sdz, sdzxm, a.N, a.C, a.G, dw,
-                                                                             db);
+  launch(param_grads, grid_of((a.C + kThreads - 1) / kThreads), kThreads, 0, st, rstd, sdz, sdzxm, a.N, a.C, a.G, dw,
+         db);
   return last_error();
 }
 

@@ -9,8 +9,8 @@
 // a whole model is standardized in one launch per direction.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
+#include "cuda_launch.h"
 #include "weight_standardize.h"
 
 namespace bitfast {
@@ -143,6 +143,7 @@ __global__ void __launch_bounds__(kThreads)
                     typename AccOf<In>::type* rstd) {
   const int64_t r = blockIdx.x;
   const WSItem it = find_item(items, n, r);
+  if (r < it.row0 || r - it.row0 >= it.O) return;  // a row of an empty (O, 0) weight: no item owns it
   const int64_t off = (r - it.row0) * it.K;
   fwd_row<In, Out>(static_cast<const In*>(it.w) + off, static_cast<Out*>(it.out) + off, it.K, eps, mean + r,
                    rstd + r);
@@ -154,6 +155,7 @@ __global__ void __launch_bounds__(kThreads)
                     const typename AccOf<In>::type* rstd) {
   const int64_t r = blockIdx.x;
   const WSItem it = find_item(items, n, r);
+  if (r < it.row0 || r - it.row0 >= it.O) return;  // a row of an empty (O, 0) weight: no item owns it
   const int64_t off = (r - it.row0) * it.K;
   bwd_row<In, Out>(static_cast<const Out*>(it.dy) + off, static_cast<const In*>(it.w) + off,
                    static_cast<In*>(it.out) + off, it.K, mean[r], rstd[r]);
@@ -195,8 +197,8 @@ Status weight_standardize_fwd_cuda(DType in, DType out, const WSArgs& a, const v
     using In = decltype(i);
     using Out = decltype(o);
     using A = typename AccOf<In>::type;
-    fwd_kernel<In, Out><<<static_cast<unsigned>(a.O), kThreads, 0, s>>>(
-        static_cast<const In*>(w), static_cast<Out*>(y), a.K, a.eps, static_cast<A*>(mean), static_cast<A*>(rstd));
+    launch(fwd_kernel<In, Out>, static_cast<unsigned>(a.O), kThreads, 0, s, static_cast<const In*>(w),
+           static_cast<Out*>(y), a.K, a.eps, static_cast<A*>(mean), static_cast<A*>(rstd));
   });
   return last_error();
 }
@@ -210,9 +212,9 @@ Status weight_standardize_bwd_cuda(DType in, DType out, const WSArgs& a, const v
     using In = decltype(i);
     using Out = decltype(o);
     using A = typename AccOf<In>::type;
-    bwd_kernel<In, Out><<<static_cast<unsigned>(a.O), kThreads, 0, s>>>(
-        static_cast<const Out*>(dy), static_cast<const In*>(w), static_cast<In*>(dw), a.K,
-        static_cast<const A*>(mean), static_cast<const A*>(rstd));
+    launch(bwd_kernel<In, Out>, static_cast<unsigned>(a.O), kThreads, 0, s, static_cast<const Out*>(dy),
+           static_cast<const In*>(w), static_cast<In*>(dw), a.K, static_cast<const A*>(mean),
+           static_cast<const A*>(rstd));
   });
   return last_error();
 }
@@ -226,8 +228,8 @@ Status weight_standardize_many_fwd_cuda(DType in, DType out, const WSItem* items
     using In = decltype(i);
     using Out = decltype(o);
     using A = typename AccOf<In>::type;
-    many_fwd_kernel<In, Out><<<static_cast<unsigned>(rows), kThreads, 0, s>>>(items, n, eps, static_cast<A*>(mean),
-                                                                             static_cast<A*>(rstd));
+    launch(many_fwd_kernel<In, Out>, static_cast<unsigned>(rows), kThreads, 0, s, items, n, eps,
+           static_cast<A*>(mean), static_cast<A*>(rstd));
   });
   return last_error();
 }
@@ -241,8 +243,8 @@ Status weight_standardize_many_bwd_cuda(DType in, DType out, const WSItem* items
     using In = decltype(i);
     using Out = decltype(o);
     using A = typename AccOf<In>::type;
-    many_bwd_kernel<In, Out><<<static_cast<unsigned>(rows), kThreads, 0, s>>>(
-        items, n, static_cast<const A*>(mean), static_cast<const A*>(rstd));
+    launch(many_bwd_kernel<In, Out>, static_cast<unsigned>(rows), kThreads, 0, s, items, n,
+           static_cast<const A*>(mean), static_cast<const A*>(rstd));
   });
   return last_error();
 }

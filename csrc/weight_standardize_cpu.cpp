@@ -137,6 +137,7 @@ void many_fwd(const WSItem* items, int64_t n, double eps, void* mean, void* rstd
   for (int64_t r = 0; r < rows; ++r) {
     const WSItem& it = items[find_item(items, n, r)];
     const int64_t o = r - it.row0;
+    if (o < 0 || o >= it.O) continue;  // a row of an empty (O, 0) weight: no item owns it
     fwd_row<In, Out>(static_cast<const In*>(it.w) + o * it.K, static_cast<Out*>(it.out) + o * it.K, it.K, eps,
                      static_cast<A*>(mean) + r, static_cast<A*>(rstd) + r);
   }
@@ -152,6 +153,7 @@ void many_bwd(const WSItem* items, int64_t n, const void* mean, const void* rstd
   for (int64_t r = 0; r < rows; ++r) {
     const WSItem& it = items[find_item(items, n, r)];
     const int64_t o = r - it.row0;
+    if (o < 0 || o >= it.O) continue;  // a row of an empty (O, 0) weight: no item owns it
     bwd_row<In, Out>(static_cast<const Out*>(it.dy) + o * it.K, static_cast<const In*>(it.w) + o * it.K,
                      static_cast<In*>(it.out) + o * it.K, it.K, static_cast<const A*>(mean)[r],
                      static_cast<const A*>(rstd)[r]);

@@ -82,12 +82,16 @@ def _bwd_kernel(dy_ptr, w_ptr, dw_ptr, mean_ptr, rstd_ptr, K, BLOCK: tl.constexp
 
 @triton.jit
 def _find_item(table_ptr, n, row, NP2: tl.constexpr):
-    """(w offset, out offset, dy offset, K, first row) of the weight owning `row` (table sorted by row0)."""
+    """(w offset, out offset, dy offset, K, first row) of the weight owning `row` (table sorted by row0). A row that
+    no weight owns (the rows of an empty (O, 0) weight, before or between entries) gets K = 0: it touches no
+    element and writes NaN statistics for its own row only."""
     i = tl.arange(0, NP2)
-    row0s = tl.load(table_ptr + i * 5 + 4, mask=i < n, other=2**62)
-    t = (tl.sum((row0s <= row).to(tl.int32), 0) - 1).to(tl.int64)
-    base = table_ptr + t * 5
-    return tl.load(base), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3), tl.load(base + 4)
+    row0s = tl.load(table_ptr + i * 6 + 4, mask=i < n, other=2**62)
+    t = tl.maximum(tl.sum((row0s <= row).to(tl.int32), 0) - 1, 0).to(tl.int64)
+    base = table_ptr + t * 6
+    row0, O = tl.load(base + 4), tl.load(base + 5)
+    K = tl.where((row >= row0) & (row - row0 < O), tl.load(base + 3), 0)
+    return tl.load(base), tl.load(base + 1), tl.load(base + 2), K, row0
 
 
 @triton.jit
@@ -147,7 +151,7 @@ def weight_standardize_bwd(dy, w, mean, rstd):
 
 
 def _table(ws, outs, dys):
-    """Index b of the base tensors (the first non-empty weight), the int64 (n, 5) table on the weights' device, the
+    """Index b of the base tensors (the first non-empty weight), the int64 (n, 6) table on the weights' device, the
     row count and n (the number of non-empty weights). Empty weights get no entry, only rows."""
     keep = [i for i, w in enumerate(ws) if w.numel() > 0]
     b = keep[0] if keep else 0
@@ -156,7 +160,7 @@ def _table(ws, outs, dys):
         O, K = _rows(w)
         if w.numel() > 0:
             d_off = _offset(dys[i], dys[b]) if dys is not None else 0
-            entries += [_offset(w, ws[b]), _offset(outs[i], outs[b]), d_off, K, rows]
+            entries += [_offset(w, ws[b]), _offset(outs[i], outs[b]), d_off, K, rows, O]
         rows += O
     table = torch.tensor(entries, dtype=torch.int64, pin_memory=ws[0].is_cuda).to(ws[0].device, non_blocking=True)
     return b, table, rows, len(keep)

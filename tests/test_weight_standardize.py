@@ -307,3 +307,26 @@ def test_standardize_conv_weights_feeds_a_model():
     forward([None] * len(convs)).backward()  # each StdConv2d standardizes its own weight
     for c, g in zip(convs, many):
         assert torch.equal(c.weight.grad, g)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_many_with_a_weight_of_no_elements_per_channel(backend, device, where):
+    """Regression: an (8, 0, 3, 3) weight (output channels, no elements) in the list corrupted the heap on the CPU
+    ('double free or corruption') and made the CUDA/Triton kernels read and write outside the buffers: its rows
+    were counted but owned by no table entry, so they were given to the neighbouring weight."""
+    ws = [torch.randn(6, 4, 3, 3, device=device), torch.randn(5, 7, device=device)]
+    ws.insert({"first": 0, "middle": 1, "last": 2}[where], torch.randn(8, 0, 3, 3, device=device))
+    ws = [w.requires_grad_() for w in ws]
+    ys = weight_standardize_many(ws, 1e-10, backend=backend)
+    assert [y.shape for y in ys] == [w.shape for w in ws]
+    sum((y * torch.arange(y.numel(), device=device).view_as(y).sin()).sum() for y in ys).backward()
+    for w, y in zip(ws, ys):
+        if w.numel() == 0:
+            assert w.grad.shape == w.shape
+            continue
+        w1 = w.detach().clone().requires_grad_()
+        y1 = weight_standardize(w1, 1e-10, backend=backend)
+        (y1 * torch.arange(y1.numel(), device=device).view_as(y1).sin()).sum().backward()
+        torch.testing.assert_close(y, y1, rtol=0, atol=0)
+        torch.testing.assert_close(w.grad, w1.grad, rtol=0, atol=0)
