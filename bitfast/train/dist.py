@@ -17,6 +17,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    owns_group: bool = True  # False when a caller (a protocol running many trainings) created the group
 
     @property
     def main(self):
@@ -43,11 +44,12 @@ def init(device="auto"):
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local)
-    if size > 1 and not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if size > 1 and owns:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
-    return World(rank, size, local, dev)
+    return World(rank, size, local, dev, owns)
 
 
 def all_sum(world, values):
@@ -73,8 +75,10 @@ def barrier(world):
 
 def shutdown(world):
     """Leave the process group. The caller drops its DDP model and optimizer first; gc.collect() then frees
-    them before the group goes, else gloo can abort at exit (GUIDE §7)."""
+    them before the group goes, else gloo can abort at exit (GUIDE §7). A group this World did not create is
+    kept for its owner: re-creating the default group in one process can hang on the store's stale keys."""
     gc.collect()
     if world.distributed and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        if world.owns_group:
+            dist.destroy_process_group()
