@@ -61,7 +61,7 @@ def gn_wrong_bwd(dy, x, w, b, mean, rstd, G, relu):
 
 
 def ws_wrong_fwd(w, eps, out):
-    return w.to(out or w.dtype), w.new_zeros(w.shape[0], dtype=torch.float32), w.new_ones(w.shape[0], dtype=torch.float32)
+    return w.to(out or w.dtype), torch.zeros(w.shape[0]), torch.ones(w.shape[0])
 
 
 def ws_wrong_bwd(dy, w, mean, rstd):
@@ -195,6 +195,15 @@ def test_real_cpu_torch_and_interpreted_triton(tuned, monkeypatch):
         assert pick(op, sample) == "cpu"  # the C++ kernel; the interpreter is orders of magnitude slower
         e = entry(op, sample)
         assert e["excluded"] == {} and set(e["us"]) == {"cpu", "torch", "triton"}, e
+
+
+def test_correct_kernels_pass_the_check_in_every_class(tuned):
+    """No false exclusions: the real cpu and torch backends pass every class --tune measures, and float64."""
+    f64 = [("group_norm", ("float64", f, "cg<=8")) for f in ("contiguous", "channels_last")] + [
+        ("weight_standardize", ("float64", "float64", "channels_last")), ("weight_standardize_many", ("float64",) * 2)]
+    for op, cls in autotune.all_classes() + f64:
+        e = autotune.measure(op, CPU, cls, ["cpu", "torch"])
+        assert e["excluded"] == {}, (op, cls, e)
 
 
 def test_explicit_backend_and_use_backend_are_untouched(tuned, monkeypatch):
