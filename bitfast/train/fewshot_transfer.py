@@ -23,7 +23,7 @@ def add_parser(sub):
     p.add_argument("--draw-seed", type=int, default=0, help="seed of draw 0; draw d uses draw-seed + d (default 0)")
     p.add_argument("--eval-split", choices=("auto", "test", "val"), help="default auto: test/ when there is one")
     P.add_common(p)
-    p.set_defaults(protocol=main)
+    p.set_defaults(protocol=P.grouped(main))
 
 
 def parse_shots(text):

@@ -5,6 +5,7 @@ Every training run of a protocol is an ordinary `transfer` run directory (loop.t
 whose summary.json exists is finished and is read back, not repeated; an unfinished one resumes from its last.pt.
 So a protocol killed at any point continues where it stopped when the same command is run again.
 """
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -13,7 +14,6 @@ import shutil
 
 import numpy as np
 
-from bitfast.train import checkpoint as ck
 from bitfast.train import config as C
 from bitfast.train import data as D
 
@@ -70,23 +70,56 @@ def overridden(args):
     return {item.split("=", 1)[0].strip().lstrip("-").replace("-", "_") for item in args.overrides}
 
 
+@contextlib.contextmanager
+def process_group(device):
+    """One torch.distributed group (under torchrun) for all the runs of a protocol; each run joins it."""
+    from bitfast.train import dist
+    world = dist.init(device or "auto")
+    try:
+        yield world
+    finally:
+        dist.shutdown(world)
+
+
+def grouped(main):
+    """main(args) inside process_group(args.device): the entry point a protocol registers."""
+    def entry(args):
+        with process_group(args.device):
+            return main(args)
+    return entry
+
+
+# What decides a finished run's result (a run directory is read back only when these agree).
+RESULT_KEYS = ("mode", "model", "weights", "data", "examples_per_class", "seed", "fewshot_seed", "batch", "lr",
+               "steps", "resolution", "paper_res", "mixup", "no_flip", "no_crop", "weight_decay", "dropout",
+               "weight_decay_init", "eval_split", "exclude", "loss", "norm", "conv", "precision")
+
+
+def changed(saved, now):
+    def canon(k, v):
+        return os.path.realpath(v) if k in ("data", "weights", "exclude") and v and os.path.exists(v) else v
+    default = {f.name: f.default for f in dataclasses.fields(C.TrainConfig)}
+    return [k for k in RESULT_KEYS if canon(k, saved.get(k, default[k])) != canon(k, now[k])]
+
+
 def run(cfg):
     """Train `cfg` to the end, or read back the summary of its finished run directory."""
     done = os.path.join(cfg.out, "summary.json")
     if os.path.exists(done):
         with open(os.path.join(cfg.out, "config.json")) as f:
             saved = json.load(f)["config"]
-        bad = ck.config_mismatch(saved, dataclasses.asdict(cfg))
+        bad = changed(saved, dataclasses.asdict(cfg))
         if bad:
             raise ValueError(f"{cfg.out} holds a finished run with other settings ({', '.join(bad)}); "
                              "use a new --out, or the original settings")
+        log(f"   finished before: read back {done}")
         with open(done) as f:
             return json.load(f)
     from bitfast.train.loop import train
     result = train(cfg)
     if "stopped" in result:
         raise Stopped(result)
-    return result
+    return dict(result, eval_images=result.get("eval_images", result.get("images")))  # ranks > 0: eval dict
 
 
 def selection_split(task_dir, out_dir, seed, val_fraction=0.2):

@@ -44,7 +44,7 @@ def add_parser(sub):
     p.add_argument("--sweep-seed", type=int, default=0, help="seed of the sampled hyperparameters (default 0)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the 80/20 selection split (default 0)")
     P.add_common(p)
-    p.set_defaults(protocol=main)
+    p.set_defaults(protocol=P.grouped(main))
 
 
 def main(args):

@@ -57,7 +57,7 @@ def add_parser(sub):
     p.add_argument("--split-seed", type=int, default=0, help="seed of the 800/200 selection split (default 0)")
     p.add_argument("--final-only", action="store_true", help="skip the 800/200 selection runs")
     P.add_common(p)
-    p.set_defaults(protocol=main)
+    p.set_defaults(protocol=P.grouped(main))
 
 
 def main(args):
@@ -107,7 +107,7 @@ def report(args, names, results, missing):
     rows = [(name, r["group"], P.pct(r["val_top1"]), P.pct(r["test_top1"]), r["test_images"],
              "" if r["flip"] else "no", "" if r["crop"] else "no") for name, r in results.items()]
     md = [f"# VTAB-1k: {len(results)} of {len(names)} tasks", "",
-          P.md_table(("task", "group", "val top-1 (800/200)", "test top-1", "test images", "flip", "crop"), rows),
+          P.md_table(("task", "group", "val top-1 (800/200 split)", "test top-1", "test images", "flip", "crop"), rows),
           "", P.md_table(("group", "tasks", "mean test top-1"),
                          [(g, sum(r["group"] == g for r in results.values()), P.pct(means[g])) for g in GROUPS]),
           "", f"**mean over {len(results)} task(s): {P.pct(overall)}**"
