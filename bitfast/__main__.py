@@ -26,6 +26,9 @@ def main(argv=None):
     path, entries = autotune.tune_all(device)
     print(f"autotune cache: {path}")
     print("\n".join(autotune.table(entries)))
+    kind = device.type if device else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind not in autotune.TUNED:
+        print(f"(auto uses these choices for {kind.upper()} tensors only with BITFAST_AUTOTUNE=all)")
 
 
 if __name__ == "__main__":

@@ -531,12 +531,16 @@ def _lock(path):
 
 
 # ------------------------------------------------------------------------------------------------ reports
+def _indexed(device):
+    """torch.device(device), with the current GPU's index for a bare "cuda" (as tensors carry)."""
+    dev = torch.device(device)
+    return torch.device("cuda", torch.cuda.current_device()) if dev.type == "cuda" and dev.index is None else dev
+
+
 def tune_all(device=None):
     """Measure every class of every op on `device` (default: cuda if there is a GPU, else cpu), replacing cached
     entries. Returns (path, {entry name: entry})."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
+    dev = _indexed(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     path, key = cache_file(dev)
     with _lock(path):
         entries = _read(path, key)
@@ -550,7 +554,7 @@ def tune_all(device=None):
 
 def cached(device):
     """(path, entries) for `device`: the cache file's entries plus those this process holds."""
-    dev = torch.device(device)
+    dev = _indexed(device)
     path, key = cache_file(dev)
     entries = dict(_read(path, key))
     entries.update({name: e for (d, name), e in _SEEN.items() if d == str(dev) and "us" in e})
