@@ -23,6 +23,8 @@ def main(argv=None):
         p.error(f"--device: {e}")
     if device is not None and device.type not in autotune.CANDIDATES:
         p.error(f"--device must be a cpu or cuda device, got {args.device!r}")
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device: no CUDA GPU is visible")
     path, entries = autotune.tune_all(device)
     print(f"autotune cache: {path}")
     print("\n".join(autotune.table(entries)))

@@ -407,8 +407,10 @@ def test_tune_cli_and_info(tuned, monkeypatch, capsys):
     report = "\n".join(importlib.import_module("bitfast.info").report())
     assert "cached choices for cpu" in report and "group_norm               bfloat16 channels_last cg<=8" in report
     assert "wrong: y" in report
-    with pytest.raises(SystemExit):
-        main(["--tune", "--device", "tpu"])
+    for bad in ["tpu", "gpu:x"] + ([] if torch.cuda.is_available() else ["cuda"]):
+        with pytest.raises(SystemExit):
+            main(["--tune", "--device", bad])
+    assert "--device" in capsys.readouterr().err
 
 
 def test_first_use_cost_on_cpu(tuned):
