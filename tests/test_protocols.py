@@ -257,3 +257,26 @@ def test_dedup_filter_list_feeds_transfer_exclude(tmp_path):
     cfg = cli.config_from_args(cli.parser().parse_args(
         ["transfer", "--data", data, "--exclude", str(out / "exclude.txt"), "--out", str(tmp_path / "run")] + TINY))
     assert loop.train(cfg)["eval_images"] == 7
+
+
+def test_sweep_records_a_diverged_trial_and_goes_on(tmp_path, monkeypatch, capsys):
+    data, out = make_task(str(tmp_path / "task"), n_train=20, n_test=9, seed=6), tmp_path / "sw"
+    calls, real = [], loop.train
+
+    def train(cfg, model=None):
+        calls.append(os.path.basename(cfg.out))
+        if cfg.out.endswith("001"):
+            raise loop.NonFiniteLoss("loss is not finite (nan/inf) at step 2")
+        return real(cfg, model)
+
+    monkeypatch.setattr(loop, "train", train)
+    args = ["sweep", "--data", data, "--trials", "2", "--out", str(out)] + TINY
+    assert cli.main(args) == 0
+    res = json.load(open(out / "sweep.json"))
+    assert res["trials"][1]["val_top1"] is None and res["chosen"]["trial"] == 0
+    assert "diverged" in open(out / "sweep.md").read() and calls == ["000", "001", "final"]
+    calls.clear()
+    assert cli.main(args) == 0 and calls == []  # both trials and the final run are read back
+    monkeypatch.setattr(loop, "train", lambda cfg, model=None: (_ for _ in ()).throw(loop.NonFiniteLoss("nan")))
+    assert cli.main(["sweep", "--data", data, "--trials", "1", "--out", str(tmp_path / "all")] + TINY) == 2
+    assert "all 1 trial(s) diverged" in capsys.readouterr().err

@@ -184,6 +184,8 @@ def main(args):
             raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
     if not -1 <= args.threshold <= 1.0001 or args.hash_threshold > HASH_BITS:
         raise ValueError("--threshold must be a cosine in [-1, 1] and --hash-threshold at most 64")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("dedup: run it as one process (not under torchrun); it uses one device")
     queries, refs = list_images(args.query, "--query"), list_images(args.reference, "--reference")
     device = dist.pick_device(args.device)
     os.makedirs(args.out, exist_ok=True)

@@ -75,6 +75,7 @@ def main(args):
             P.log(f"trial {i} diverged: {e}")
             trials.append(dict(trial=i, params=params, val_top1=None, error=str(e)[:300]))
             if P.is_main():
+                os.makedirs(out, exist_ok=True)
                 with open(failed, "w") as f:
                     json.dump(trials[-1], f, indent=1)
         report(args, trials, fixed, None)
