@@ -144,13 +144,20 @@ def _canon(key, v):
     return v
 
 
-def settings_mismatch(saved_cfg, saved_recipe, cfg, recipe):
+def resolved(cfg):
+    """The MATH_KEYS of `cfg` as they resolve now (a checkpoint stores them: a relative path given from another
+    directory on resume still compares right)."""
+    keys = MATH_KEYS + (UPSTREAM_KEYS if cfg.mode == "upstream" else ())
+    return {k: _canon(k, getattr(cfg, k)) for k in keys}
+
+
+def settings_mismatch(state, cfg, recipe):
     """[(name, saved, current)] for each resolved setting that differs: empty means the same computation."""
     default = {f.name: f.default for f in dataclasses.fields(cfg)}  # keys newer than the checkpoint
-    keys = MATH_KEYS + (UPSTREAM_KEYS if cfg.mode == "upstream" else ())
-    diff = [(k, _canon(k, saved_cfg.get(k, default.get(k))), _canon(k, getattr(cfg, k))) for k in keys]
+    saved = state.get("resolved") or {k: _canon(k, v) for k, v in state["config"].items()}  # older checkpoints
+    diff = [(k, saved.get(k, _canon(k, default.get(k))), v) for k, v in resolved(cfg).items()]
     now = dataclasses.asdict(recipe)
-    diff += [(k, saved_recipe.get(k), now[k]) for k in RECIPE_KEYS]
+    diff += [(k, state["recipe"].get(k), now[k]) for k in RECIPE_KEYS]
     return [(k, a, b) for k, a, b in diff if a != b]
 
 
@@ -176,6 +183,7 @@ def save_run(S, step, name="last.pt"):
                      "rng": rng_state(), "sampler": {"step": step, "seed": S.cfg.seed, "batch": S.recipe.batch,
                                                      "examples": len(S.indices), "examples_sha256": digest(S.indices)},
                      "config": dataclasses.asdict(S.cfg), "recipe": dataclasses.asdict(S.recipe),
+                     "resolved": resolved(S.cfg),
                      "bad_images": sorted(S.bad), "wall_s": S.wall_before + time.time() - S.t_start,
                      "train_images": S.images_before + S.images, "window": S.progress.window()}, path)
     S.saved_step = step
@@ -190,7 +198,7 @@ def resume_run(S):
             raise FileNotFoundError(f"resume: no checkpoint at {path}")
         return 0
     state = load(path, "cpu")  # RNG states must stay on the CPU; load_state_dict moves the rest
-    bad = settings_mismatch(state["config"], state["recipe"], S.cfg, S.recipe)
+    bad = settings_mismatch(state, S.cfg, S.recipe)
     if bad:
         diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in bad)
         raise ValueError(f"resume: {path} was written with different settings ({diff}); "

@@ -98,10 +98,10 @@ class FolderSource:
         if extra:
             raise ValueError(f"data: {root} has classes not in the training set: {extra[:5]}")
         self.root, self.classes, self.name = root, list(classes), root
-        self.paths, labels, seen, self.empty = [], [], set(), []
+        self.paths, labels, self.empty = [], [], []
         for label, cls in enumerate(self.classes):
             d = os.path.join(root, cls)
-            files = _list_images(d, seen) if os.path.isdir(d) else []
+            files = _list_images(d, set()) if os.path.isdir(d) else []
             if not files and os.path.isdir(d):
                 self.empty.append(cls)
             self.paths += files

@@ -278,6 +278,7 @@ def _run(S, stop):
     # The checkpoint at `start` was written before its eval (if one was due), which a kill may have cut short.
     if start and eval_due(start) and not _eval(S, metrics, start):
         return _stopped(S, start)
+    other = time.time() - S.t_start
     for x, y, bad in D.loader(D.View(S.train_src, r, upstream=cfg.mode == "upstream"), sampler, S.workers, S.pin):
         lr = lr_at(step, r.supports, r.lr)
         loss, n, stopping = train_step(S, x, y, step, lr, stop)
