@@ -65,6 +65,7 @@ def atomic_write(path, write):
 
 
 def save_atomic(obj, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
