@@ -61,6 +61,16 @@ def rows(out):
     return [{k: v for k, v in json.loads(ln).items() if k != "img_s"} for ln in open(out / "metrics.jsonl")]
 
 
+def assert_whole(out):
+    """Whatever a kill left behind: each output is absent or complete, never a part."""
+    for name in ("last.pt", "model.pt"):
+        if (out / name).exists():
+            torch.load(out / name, weights_only=True)
+    for name in ("summary.json", "config.json"):
+        if (out / name).exists():
+            json.load(open(out / name))
+
+
 def test_kill_at_random_points_then_resume_gives_the_uninterrupted_run(tmp_path):
     rng = np.random.default_rng()
     ref, out = tmp_path / "ref", tmp_path / "run"
@@ -81,6 +91,7 @@ def test_kill_at_random_points_then_resume_gives_the_uninterrupted_run(tmp_path)
         assert rc in (-9, 0) and "Traceback" not in log, log[-3000:]
         assert rc == -9 or point in ("row", "time"), (point, count, log[-3000:])  # certain kills did happen
         kills.append((point, count, rc))
+        assert_whole(out)
     print("kills (point, count, rc):", kills)
     rc, log = finish(start(out))
     assert rc == 0, (kills, log[-3000:])
