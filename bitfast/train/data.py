@@ -49,10 +49,10 @@ def _open(path):
         return Image.open(path)
 
 
-def _list_images(top, seen):
+def _list_images(top):
     """Image files under `top` (sorted by directory), following symlinks but entering each real directory once:
     a link loop such as cat/loop -> . would otherwise list every file again at each level."""
-    found = []
+    found, seen = [], set()
     for dirpath, dirs, files in os.walk(top, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:
@@ -101,7 +101,7 @@ class FolderSource:
         self.paths, labels, self.empty = [], [], []
         for label, cls in enumerate(self.classes):
             d = os.path.join(root, cls)
-            files = _list_images(d, set()) if os.path.isdir(d) else []
+            files = _list_images(d) if os.path.isdir(d) else []
             if not files and os.path.isdir(d):
                 self.empty.append(cls)
             self.paths += files
