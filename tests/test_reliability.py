@@ -305,6 +305,11 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("inputs")
     (d / "afile").write_text("x")
     (d / "random.pt").write_bytes(b"\x13" + os.urandom(4000))  # not a zip (PK) nor a pickle (0x80) header
+    from bitfast import models
+    model = models.create("bit_tiny", num_classes=10)
+    with torch.no_grad():
+        next(model.parameters())[0] = float("nan")
+    models.save(model, d / "nan.pt")
     return d
 
 
@@ -323,6 +328,7 @@ BAD = [  # (flags, what the one line must say)
     (["--resolution", "60000"], "--resolution must be at most 4096"),
     (["--weights", "{d}"], "is a directory, not a weights file"),
     (["--weights", "{d}/random.pt"], "not a weights file (it starts with bytes 13"),
+    (["--weights", "{d}/nan.pt"], "the weights hold nan or inf values"),
     (["--out", "{d}/afile"], "--out {d}/afile: is a file, not a directory"),
     (["--out", "{d}/afile/run"], "cannot use it as the run directory (Not a directory)"),
 ]

@@ -34,6 +34,11 @@ RECIPE_KEYS = ("dataset_size", "num_classes", "resize", "crop", "flip", "random_
 UPSTREAM_KEYS = ("schedule",)  # only the upstream recipe reads these
 
 
+class NonFiniteLoss(RuntimeError):
+    """The NaN guard stopped the run (a non-finite loss, gradient or state); the message names the last good
+    checkpoint."""
+
+
 def _fsync_dir(d):
     try:  # make a rename durable
         fd = os.open(d, os.O_RDONLY)
@@ -178,7 +183,8 @@ def save_run(S, step, name="last.pt"):
     path = os.path.join(S.cfg.out, name)
     if S.world.main:
         if not finite(state_tensors(S)):
-            raise RuntimeError(f"refusing to overwrite {path} with non-finite weights or optimizer state (step {step})")
+            raise NonFiniteLoss(f"refusing to overwrite {path} with non-finite weights or optimizer state (step "
+                                f"{step}); it keeps the last finite state")
         save_atomic({"format": FORMAT, "step": step, "model": S.model.state_dict(),
                      "optimizer": S.opt.state_dict(), "scaler": S.scaler.state_dict() if S.scaler else None,
                      "rng": rng_state(), "sampler": {"step": step, "seed": S.cfg.seed, "batch": S.recipe.batch,

@@ -27,8 +27,7 @@ from bitfast.train import dist, regularize, report
 from bitfast.train.hyperrule import lr_at
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+NonFiniteLoss = ck.NonFiniteLoss  # raised by the NaN guard in train_step and by ck.save_run
 
 
 class StopSignal:
@@ -95,6 +94,8 @@ def build_model(cfg, num_classes):
                               conv=cfg.conv, zero_head=cfg.mode == "transfer")
     except ValueError as e:
         raise ValueError(f"--weights: {e}" if cfg.weights and str(cfg.weights) in str(e) else str(e)) from None
+    if cfg.weights and not ck.finite(model.state_dict().values()):
+        raise ValueError(f"--weights {cfg.weights}: the weights hold nan or inf values")
     if cfg.mode == "transfer" and cfg.weights:
         model.reset_head(num_classes, zero=True)  # BiT transfer always starts from a new zero head
     return model
