@@ -17,9 +17,10 @@ import os, signal, sys
 from bitfast.train import checkpoint as ck, cli, data as D, report
 point, count, seen = sys.argv[1], int(sys.argv[2]), [0]
 
-def hit():
+def hit(before_kill=lambda: None):
     seen[0] += 1
     if seen[0] == count:
+        before_kill()
         os.kill(os.getpid(), signal.SIGKILL)
 
 if point.endswith(".pt"):  # the file is half on disk when the kill comes
@@ -28,8 +29,7 @@ if point.endswith(".pt"):  # the file is half on disk when the kill comes
         def half(f):
             write(f)
             f.flush()
-            f.truncate(f.tell() // 2)
-            hit()
+            hit(lambda: f.truncate(f.tell() // 2))
         return real(path, half if path.endswith(point) else write)
     ck.atomic_write = cut
 elif point == "eval":  # the count-th eval image
