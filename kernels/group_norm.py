@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bitfast.kernels._common import div, eps_arg, guarded
+
 
 def _acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
@@ -27,11 +29,10 @@ def _acc_torch(dtype):
 
 @triton.jit
 def _rsqrt(m2, count, eps, ACC: tl.constexpr):
-    var = m2 / count + eps
-    if ACC == tl.float64:
-        return 1.0 / tl.sqrt(var)
+    if ACC == tl.float64:  # eps arrives as a 1-element fp64 tensor: a float argument would be rounded to fp32
+        return 1.0 / tl.sqrt(m2 / count + tl.load(eps))
     else:
-        return 1.0 / tl.sqrt_rn(var)  # tl.sqrt is the approximate one for fp32
+        return div(1.0, tl.sqrt_rn(div(m2, count, ACC) + eps), ACC)  # tl.sqrt is the approximate one for fp32
 
 
 # ------------------------------------------------------------------------------------------------ NCHW
@@ -64,12 +65,12 @@ def _nchw_fwd(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, G, D, S, eps, HAS_
         msk = i0 + offs < M
         v = tl.where(msk, tl.load(x_ptr + base + i0 + offs, mask=msk, other=0.0).to(ACC) - x0, 0.0)
         nb = tl.cast(tl.minimum(M - i0, BLOCK), ACC)
-        cm = tl.sum(v, 0) / nb
+        cm = div(tl.sum(v, 0), nb, ACC)
         d = tl.where(msk, v - cm, 0.0)
         q = tl.sum(d * d, 0)
         n = cnt + nb
         delta = cm - mean
-        f = nb / n
+        f = div(nb, n, ACC)
         mean = mean + delta * f
         m2 = m2 + q + delta * delta * cnt * f
         cnt = n
@@ -88,7 +89,7 @@ def _nchw_fwd(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, G, D, S, eps, HAS_
             o = base + (d0 + rd)[:, None] * S + (s0 + rs_)[None, :]
             z = (tl.load(x_ptr + o, mask=msk, other=0.0).to(ACC) - mu) * k[:, None] + h[:, None]
             if RELU:
-                z = tl.maximum(z, 0.0)
+                z = tl.where(z < 0.0, 0.0, z)  # not tl.maximum: NaN stays NaN, as in torch.relu
             tl.store(y_ptr + o, z.to(y_ptr.dtype.element_ty), mask=msk)
 
 
@@ -141,8 +142,8 @@ def _nchw_bwd(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sdz_ptr, 
         tl.store(sdzxm_ptr + nc0 + d0 + rd, t1, mask=dm)
         gw += tl.sum(tl.where(dm, wc * t0, 0.0), 0)
         gwxm += tl.sum(tl.where(dm, wc * t1, 0.0), 0)
-    c1 = gw / tl.cast(M, ACC)
-    c2 = rs * gwxm / tl.cast(M, ACC)
+    c1 = div(gw, tl.cast(M, ACC), ACC)
+    c2 = div(rs * gwxm, tl.cast(M, ACC), ACC)
     q = -rs * rs * c2
     r = -rs * c1
     for d0 in range(0, D, BLOCK_D):
@@ -179,7 +180,7 @@ def _nhwc_moments(x_ptr, pm_ptr, pq_ptr, S, C, NB, NCB, ACC: tl.constexpr, BLOCK
     x0 = tl.load(x_ptr + n * S * C + ch, mask=cm, other=0.0).to(ACC)  # row 0 of the sample: the shift
     v = tl.where(msk, tl.load(x_ptr + offs, mask=msk, other=0.0).to(ACC) - x0[None, :], 0.0)
     cnt = tl.cast(tl.minimum(S - blk * BLOCK_R, BLOCK_R), ACC)
-    mu = tl.sum(v, 0) / cnt
+    mu = div(tl.sum(v, 0), cnt, ACC)
     d = tl.where(msk, v - mu[None, :], 0.0)
     o = (n * NB + blk) * C + ch
     tl.store(pm_ptr + o, mu, mask=cm)
@@ -204,14 +205,14 @@ def _nhwc_group_stats(x_ptr, pm_ptr, pq_ptr, mean_ptr, rstd_ptr, S, C, G, D, NB,
         bq = tl.load(pq_ptr + o, mask=dm, other=0.0)
         tot = cnt + nb
         delta = bm - mean
-        f = nb / tot
+        f = div(nb, tot, ACC)
         mean = mean + delta * f
         m2 = m2 + bq + delta * delta * cnt * f
         cnt = tot
     x0 = tl.load(x_ptr + n * S * C + c0 + rd, mask=dm, other=0.0).to(ACC)
     ref = tl.load(x_ptr + n * S * C + c0).to(ACC)
     mean = tl.where(dm, mean + (x0 - ref), 0.0)  # channel means relative to ref
-    gmean = tl.sum(mean, 0) / D  # channels hold S elements each: the group mean is their plain average
+    gmean = div(tl.sum(mean, 0), tl.cast(D, ACC), ACC)  # channels hold S elements each: the group mean is their plain average
     dmean = tl.where(dm, mean - gmean, 0.0)
     gm2 = tl.sum(tl.where(dm, m2, 0.0), 0) + S * tl.sum(dmean * dmean, 0)
     tl.store(mean_ptr + ng, ref + gmean)
@@ -241,7 +242,7 @@ def _nhwc_normalize(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, S, C, G, D, 
     mu, k, h = _nhwc_coefs(w_ptr, b_ptr, mean_ptr, rstd_ptr, n, ch, cm, G, D, HAS_W, HAS_B, ACC)
     z = (tl.load(x_ptr + offs, mask=msk, other=0.0).to(ACC) - mu[None, :]) * k[None, :] + h[None, :]
     if RELU:
-        z = tl.maximum(z, 0.0)
+        z = tl.where(z < 0.0, 0.0, z)  # NaN stays NaN
     tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=msk)
 
 
@@ -282,8 +283,8 @@ def _nhwc_bwd_group(p0_ptr, p1_ptr, w_ptr, rstd_ptr, sdz_ptr, sdzxm_ptr, qr_ptr,
         wc = tl.load(w_ptr + c0 + rd, mask=dm, other=0.0)
     rs = tl.load(rstd_ptr + ng)
     M = tl.cast(D * S, ACC)
-    c1 = tl.sum(wc * t0, 0) / M
-    c2 = rs * tl.sum(wc * t1, 0) / M
+    c1 = div(tl.sum(wc * t0, 0), M, ACC)
+    c2 = div(rs * tl.sum(wc * t1, 0), M, ACC)
     tl.store(qr_ptr + 2 * ng, -rs * rs * c2)
     tl.store(qr_ptr + 2 * ng + 1, -rs * c1)
 
@@ -348,6 +349,7 @@ def _flags(weight, bias, x):
             weight is not None, bias is not None)
 
 
+@guarded
 def group_norm_fwd(x, weight, bias, num_groups, eps, relu):
     """-> (y, mean, rstd). weight/bias: acc dtype, contiguous, or None. y keeps x's layout."""
     N, C, S, D, cl = _geometry(x, num_groups)
@@ -358,7 +360,7 @@ def group_norm_fwd(x, weight, bias, num_groups, eps, relu):
     if x.numel() == 0:
         return y, mean, rstd
     w, b, has_w, has_b = _flags(weight, bias, x)
-    ACC = _acc(x.dtype)
+    ACC, eps = _acc(x.dtype), eps_arg(eps, acc_t, x.device)
     if not cl:
         bd, bs = _nchw_blocks(D, S)
         _nchw_fwd[(N * G,)](x, y, w, b, mean, rstd, G, D, S, eps, has_w, has_b, relu, ACC,
@@ -376,6 +378,7 @@ def group_norm_fwd(x, weight, bias, num_groups, eps, relu):
     return y, mean, rstd
 
 
+@guarded
 def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, relu):
     """-> (dx, dweight, dbias); dy has x's layout; dweight/dbias are acc dtype (C,), always computed."""
     N, C, S, D, cl = _geometry(x, num_groups)

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bitfast.kernels._common import div, eps_arg, guarded
+
 # Many-tensor table columns (5): w offset, out offset, dy offset (elements, from the base tensors), K, row0.
 
 
@@ -24,7 +26,7 @@ def _fwd_row(w_ptr, y_ptr, mean_ptr, rstd_ptr, K, eps, BLOCK: tl.constexpr, ACC:
     acc = tl.zeros([BLOCK], ACC)
     for k0 in range(0, K, BLOCK):
         acc += tl.load(w_ptr + k0 + offs, mask=k0 + offs < K, other=0.0).to(ACC)
-    m0 = tl.sum(acc, 0) / K
+    m0 = div(tl.sum(acc, 0), tl.cast(K, ACC), ACC)
     s1 = tl.zeros([BLOCK], ACC)  # sum(d), sum(d^2) with d = w - m0 (corrected two-pass)
     s2 = tl.zeros([BLOCK], ACC)
     for k0 in range(0, K, BLOCK):
@@ -32,12 +34,12 @@ def _fwd_row(w_ptr, y_ptr, mean_ptr, rstd_ptr, K, eps, BLOCK: tl.constexpr, ACC:
         d = tl.where(m, tl.load(w_ptr + k0 + offs, mask=m, other=0.0).to(ACC) - m0, 0.0)
         s1 += d
         s2 += d * d
-    c = tl.sum(s1, 0) / K
-    var = tl.maximum(tl.sum(s2, 0) / K - c * c, 0.0) + eps
-    if ACC == tl.float64:
-        rstd = 1.0 / tl.sqrt(var)
+    c = div(tl.sum(s1, 0), tl.cast(K, ACC), ACC)
+    var = tl.maximum(div(tl.sum(s2, 0), tl.cast(K, ACC), ACC) - c * c, 0.0)
+    if ACC == tl.float64:  # eps arrives as a 1-element fp64 tensor: a float argument would be rounded to fp32
+        rstd = 1.0 / tl.sqrt(var + tl.load(eps))
     else:
-        rstd = 1.0 / tl.sqrt_rn(var)  # tl.sqrt is the approximate one for fp32
+        rstd = div(1.0, tl.sqrt_rn(var + eps), ACC)  # tl.sqrt is the approximate one for fp32
     for k0 in range(0, K, BLOCK):
         m = k0 + offs < K
         x = tl.load(w_ptr + k0 + offs, mask=m, other=0.0).to(ACC)
@@ -57,8 +59,8 @@ def _bwd_row(dy_ptr, w_ptr, dw_ptr, mean, rstd, K, BLOCK: tl.constexpr, ACC: tl.
         xhat = (tl.load(w_ptr + k0 + offs, mask=m, other=0.0).to(ACC) - mean) * rstd
         a_dy += g
         a_dyx += g * xhat
-    m_dy = tl.sum(a_dy, 0) / K
-    m_dyx = tl.sum(a_dyx, 0) / K
+    m_dy = div(tl.sum(a_dy, 0), tl.cast(K, ACC), ACC)
+    m_dyx = div(tl.sum(a_dyx, 0), tl.cast(K, ACC), ACC)
     for k0 in range(0, K, BLOCK):
         m = k0 + offs < K
         g = tl.load(dy_ptr + k0 + offs, mask=m, other=0.0).to(ACC)
@@ -127,6 +129,7 @@ def _rows(w):
     return w.shape[0], (w.numel() // w.shape[0] if w.shape[0] else 0)
 
 
+@guarded
 def weight_standardize_fwd(w, eps, out_dtype):
     """w (O, ...) contiguous or channels_last -> [y like w in out_dtype (default w's), mean (O,), rstd (O,)]."""
     O, K = _rows(w)
@@ -136,10 +139,11 @@ def weight_standardize_fwd(w, eps, out_dtype):
     rstd = torch.empty_like(mean)
     if w.numel() == 0:
         return [y, mean, rstd]
-    _fwd_kernel[(O,)](w, y, mean, rstd, K, float(eps), BLOCK=_BLOCK, ACC=acc_tl, num_warps=_WARPS)
+    _fwd_kernel[(O,)](w, y, mean, rstd, K, eps_arg(eps, acc_t, w.device), BLOCK=_BLOCK, ACC=acc_tl, num_warps=_WARPS)
     return [y, mean, rstd]
 
 
+@guarded
 def weight_standardize_bwd(dy, w, mean, rstd):
     """dy (w's shape and layout, out dtype), w, mean, rstd -> dw (like w)."""
     O, K = _rows(w)
@@ -162,8 +166,28 @@ def _table(ws, outs, dys):
             d_off = _offset(dys[i], dys[b]) if dys is not None else 0
             entries += [_offset(w, ws[b]), _offset(outs[i], outs[b]), d_off, K, rows, O]
         rows += O
-    table = torch.tensor(entries, dtype=torch.int64, pin_memory=ws[0].is_cuda).to(ws[0].device, non_blocking=True)
-    return b, table, rows, len(keep)
+    return b, _device_table(entries, ws[0].device), rows, len(keep)
+
+
+# Device copies of the tables, one per distinct table (a model's weights give the same table every step). An entry
+# keeps its pinned staging tensor and its device tensor alive and never changes them, so a copy captured in a CUDA
+# graph (torch.compile mode="reduce-overhead") replays from bytes that are still that table. Entries made or used
+# while capturing are never evicted; the others go when the cache holds _MAX_TABLES. Same design as the C++ binding.
+_TABLES, _CAPTURED, _MAX_TABLES = {}, set(), 64
+
+
+def _device_table(entries, device):
+    key = (str(device), tuple(entries))
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if key not in _TABLES:
+        if len(_TABLES) >= _MAX_TABLES:
+            for k in [k for k in _TABLES if k not in _CAPTURED]:
+                del _TABLES[k]
+        host = torch.tensor(entries, dtype=torch.int64, pin_memory=device.type == "cuda")
+        _TABLES[key] = (host, host.to(device, non_blocking=True))
+    if capturing:
+        _CAPTURED.add(key)
+    return _TABLES[key][1]
 
 
 def _offset(t, base):
@@ -173,6 +197,7 @@ def _offset(t, base):
     return diff // t.element_size()
 
 
+@guarded
 def weight_standardize_many_fwd(ws, eps, out_dtype):
     """List of weights (one dtype and device) -> (ys, mean, rstd); mean/rstd concatenated over all rows."""
     acc_t, acc_tl = _acc(ws[0].dtype)
@@ -182,11 +207,12 @@ def weight_standardize_many_fwd(ws, eps, out_dtype):
     rstd = torch.empty_like(mean)
     if n == 0:
         return ys, mean, rstd
-    _many_fwd_kernel[(rows,)](ws[b], ys[b], table, n, mean, rstd, float(eps), NP2=triton.next_power_of_2(n),
+    _many_fwd_kernel[(rows,)](ws[b], ys[b], table, n, mean, rstd, eps_arg(eps, acc_t, ws[0].device), NP2=triton.next_power_of_2(n),
                               BLOCK=_BLOCK, ACC=acc_tl, num_warps=_WARPS)
     return ys, mean, rstd
 
 
+@guarded
 def weight_standardize_many_bwd(dys, ws, mean, rstd):
     """Grads (each like its weight, one dtype), weights, concatenated mean/rstd -> dws."""
     dws = [torch.empty_like(w) for w in ws]

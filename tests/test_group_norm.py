@@ -327,3 +327,42 @@ def test_more_than_2_pow_31_elements(backend, channels_last):
     y = group_norm(x, 32, act="relu", backend=backend)
     tail = group_norm(x[1:].contiguous(), 32, act="relu", backend="torch")
     torch.testing.assert_close(y[1:], tail, rtol=2e-2, atol=2e-2)
+
+
+# ------------------------------------------------------------------------- regressions (issues 11 and 16)
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("make", [
+    lambda: torch.randn(4, 64, 1, 1).to(memory_format=torch.channels_last),  # BiT's last stage at a small crop
+    lambda: torch.randn(1, 10, 3, 1).transpose(2, 3),  # a size-1 dim in another position
+    lambda: torch.randn(2, 8, 1, 5).to(memory_format=torch.channels_last),
+    lambda: torch.randn(3, 8, 5, 1).to(memory_format=torch.channels_last),
+])
+def test_backward_accepts_size_one_spatial_dims_in_any_layout(backend, device, make):
+    """Regression: the bindings compared raw strides of dy and x, which differ in size-1 dimensions, and raised
+    'dy must have the same memory layout as x' for valid inputs."""
+    x = make().to(device).requires_grad_()
+    G = 2 if x.shape[1] % 4 else 4
+    y = group_norm(x, G, act="relu", backend=backend)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64 = x.detach().double().requires_grad_()
+    F.group_norm(x64, G).relu().backward(dy.double())
+    assert err(x.grad, x64.grad) < 1e-4
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_relu_keeps_nan_like_torch(backend, device, channels_last):
+    """Regression: Triton's ReLU was tl.maximum(z, 0), which turns NaN into 0; torch, cpu and CUDA keep NaN."""
+    x = make_x((2, 8, 4, 4), torch.float32, device, channels_last=channels_last)
+    x[0, 1, 2, 3] = float("nan")  # poisons group 0 of sample 0 only
+    y = group_norm(x, 4, act="relu", backend=backend)
+    ref = F.group_norm(x, 4).relu()
+    assert torch.equal(y.isnan(), ref.isnan()) and y.isnan().any()
+    assert err(y[1], ref[1].double()) < 1e-5
+
+
+def test_num_groups_must_not_be_a_bool():
+    """Regression: bool is an int subclass, so num_groups=True passed validation as 1 group."""
+    with pytest.raises(ValueError, match="num_groups=True"):
+        group_norm(torch.randn(2, 4, 3, 3), True)

@@ -330,3 +330,21 @@ def test_many_with_a_weight_of_no_elements_per_channel(backend, device, where):
         (y1 * torch.arange(y1.numel(), device=device).view_as(y1).sin()).sum().backward()
         torch.testing.assert_close(y, y1, rtol=0, atol=0)
         torch.testing.assert_close(w.grad, w1.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", [c for c in CASES if c[0] == "triton"])
+def test_triton_launchers_run_on_the_tensors_device(backend, device, monkeypatch):
+    """Regression: the Triton launchers launched on the current CUDA device and its stream, not on x.device's, so
+    tensors on cuda:1 while cuda:0 is current got the wrong stream or an illegal address. Every launcher must enter
+    bitfast.kernels._common.on_device with its input (a no-op for CPU tensors)."""
+    from bitfast.kernels import _common
+
+    seen = []
+    real = _common.on_device
+    monkeypatch.setattr(_common, "on_device", lambda t: seen.append(t.device) or real(t))
+    w = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
+    weight_standardize(w, backend=backend).sum().backward()
+    weight_standardize_many([w, w.detach() * 2], backend=backend)[0].sum().backward()
+    x = torch.randn(2, 8, 3, 3, device=device, requires_grad=True)
+    bitfast.ops.group_norm(x, 4, backend=backend).sum().backward()
+    assert len(seen) == 6 and all(d == torch.device(device) for d in seen)

@@ -6,8 +6,9 @@ The interpreter (TRITON_INTERPRET=1, how the CPU tests run the kernels) executes
 that the real compiler rejects (types, constexpr use, layouts). This runs the host wrappers of kernels/ on CPU
 tensors of BiT-like shapes with a stand-in driver that reports a CUDA target, and every launch only compiles
 (JITFunction.run with warmup=True): ptxas from the triton wheel must produce a cubin for each specialization. No
-kernel runs, so outputs are garbage and nothing about correctness is checked here. Prints one line per compiled
-kernel; exits 2 if the harness cannot attach to this Triton version, 1 if a kernel fails to compile.
+kernel runs, so outputs are garbage; what can be checked is in the PTX (inspect(): correctly rounded fp32 division,
+fp64 eps, round-to-nearest bf16/fp16 stores). Prints one line per compiled kernel; exits 2 if the harness cannot
+attach to this Triton version, 1 if a kernel fails to compile or its PTX shows one of those faults.
 """
 import os
 import sys
@@ -43,11 +44,39 @@ def attach(arch):
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        bound = dict(zip(self.arg_names, args), **kwargs)
         compiled.append((self.fn.__name__, len(kernel.asm["cubin"])))
+        findings.extend(inspect(self.fn.__name__, bound, kernel.asm["ptx"]))
         return kernel
 
     JITFunction.run = compile_only
     return compiled
+
+
+findings = []  # what inspect() objected to, over all compiles
+
+
+def inspect(name, bound, ptx):
+    """Numerics visible in the PTX of one specialization -> list of findings (empty = fine):
+    - fp32 divisions and reciprocals are correctly rounded (div.rn / rcp.rn), never the approximate div.full /
+      div.approx / rcp.approx that `/` lowers to: the kernels promise parity with the C++/CUDA backends;
+    - fp64 statistics (ACC = fp64) never take eps as a Python float, which Triton passes as fp32;
+    - a bf16 or fp16 kernel converts to its storage type with round-to-nearest (cvt.rn), never truncation;
+    - the forward's ReLU keeps NaN (the interpreter's numpy maximum keeps it too, so only the PTX shows this)."""
+    import re
+
+    import triton.language as tl
+
+    out = [f"{name}: approximate fp32 division ({op})" for op in sorted(set(re.findall(
+        r"\b(div\.full\.f32|div\.approx(?:\.ftz)?\.f32|rcp\.approx(?:\.ftz)?\.f32)", ptx)))]
+    if bound.get("ACC") == tl.float64 and isinstance(bound.get("eps"), float):
+        out.append(f"{name}: fp64 statistics with eps passed as a float (rounded to fp32)")
+    if name in ("_nchw_fwd", "_nhwc_normalize") and re.search(r"\bmax(\.ftz)?\.f32", ptx):
+        out.append(f"{name}: ReLU through max.f32, which turns NaN into 0 (torch.relu keeps NaN)")
+    for ty in ("bf16", "f16"):
+        if re.search(rf"cvt\.(rz|rm|rp)[a-z.]*\.{ty}(x2)?\.f32", ptx):
+            out.append(f"{name}: a non-round-to-nearest conversion to {ty}")
+    return out
 
 
 def exercise():
@@ -86,6 +115,9 @@ def main(arch):
     except Exception:
         traceback.print_exc()
         print(f"FAILED: a Triton kernel did not compile for sm_{arch} (after {len(compiled)} compiles)")
+        return 1
+    if findings:
+        print("FAILED: numerics found in the PTX:\n  " + "\n  ".join(sorted(set(findings))))
         return 1
     names = sorted({n for n, _ in compiled})
     empty = [n for n, size in compiled if size == 0]

@@ -167,7 +167,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, act=None, backen
     if x.dim() < 2:
         raise ValueError(f"x must have at least 2 dimensions (N, C, *), got shape {tuple(x.shape)}")
     C = x.shape[1]
-    if not isinstance(num_groups, int) or num_groups <= 0 or C % num_groups:
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0 or C % num_groups:
         raise ValueError(f"num_groups={num_groups!r} must be a positive int dividing the channel count C={C}")
     if act not in (None, "relu"):
         raise ValueError(f"act must be None or 'relu', got {act!r}")

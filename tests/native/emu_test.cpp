@@ -189,8 +189,17 @@ template <typename T> void gn_case(const GNCase& k) {
          std::string(tag) + ": two backward runs differ (not deterministic)");
 }
 
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
 template <typename T> void gn_cases(const std::vector<GNCase>& cases) {
-  for (const GNCase& k : cases) gn_case<T>(k);
+  for (const GNCase& k : cases) {
+    const double t0 = now_s();
+    gn_case<T>(k);
+    std::printf("  %-5s N=%ld C=%ld S=%ld G=%ld %s: %.2f s\n", name_of<T>(), long(k.N), long(k.C), long(k.S),
+                long(k.G), k.cl ? "nhwc" : "nchw", now_s() - t0);
+  }
 }
 
 // ------------------------------------------------------------------------------------- weight standardization
