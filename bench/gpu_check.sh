@@ -2,7 +2,8 @@
 # On a GPU machine: build bitfast with its CUDA kernels, run the tests (CUDA and Triton included) and the
 # benchmarks, and leave everything under OUTDIR (default $OUT, else ./gpu_out).
 #   bash bench/gpu_check.sh OUTDIR [STAGE ...]
-# STAGE: build, test, kernels (GN + WS benches), models-eager, models-compile, scaling, report; default: all, in
+# STAGE: build, test, sanitize (compute-sanitizer memcheck + racecheck on every CUDA kernel), kernels (GN + WS
+# benches), models-eager, models-compile, scaling, report; default: all, in
 # that order. Each stage fits a 10-minute remote call, so they can be run one call at a time (build first; the
 # editable build persists in the working tree). Uses the python on PATH (GPU machines ship torch, triton, ninja,
 # pybind11, pytest-benchmark; no network).
@@ -10,7 +11,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${1:-${OUT:-gpu_out}}
 shift || true
-STAGES=${*:-build test kernels models-eager models-compile scaling report}
+STAGES=${*:-build test sanitize kernels models-eager models-compile scaling report}
 mkdir -p "$OUTDIR"
 PY=${PYTHON:-python}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -30,6 +31,9 @@ for stage in $STAGES; do
     build) run "$PY" -m pip install --no-build-isolation --no-deps -e . && run "$PY" -m bitfast ;;
     test) run "$PY" -m pytest tests -q --junitxml="$OUTDIR/tests.xml"
           run "$PY" -m bitfast --tune ;;  # what autotune checks, times and picks on this GPU (the later stages use it)
+    sanitize) for tool in memcheck racecheck; do  # what the CPU emulation (ctest) cannot model
+                run compute-sanitizer --tool $tool --error-exitcode 1 "$PY" bench/sanitize_kernels.py
+              done ;;
     kernels) run "$PY" -m pytest bench/test_group_norm.py bench/test_weight_standardize.py -q \
                --benchmark-json="$OUTDIR/pytest-benchmark-kernels.json" ;;
     models-eager) run "$PY" -m pytest bench/test_models.py -q -k "eager or max_batch" ;;
