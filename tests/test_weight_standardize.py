@@ -348,3 +348,20 @@ def test_triton_launchers_run_on_the_tensors_device(backend, device, monkeypatch
     x = torch.randn(2, 8, 3, 3, device=device, requires_grad=True)
     bitfast.ops.group_norm(x, 4, backend=backend).sum().backward()
     assert len(seen) == 6 and all(d == torch.device(device) for d in seen)
+
+
+def test_many_table_is_cached_and_captured_tables_are_kept(monkeypatch):
+    """The WS-many item table is built once per distinct table and kept with its staging tensor, so a copy captured
+    in a CUDA graph replays from bytes that never change; entries used while capturing are never evicted (the
+    capture itself needs a GPU: bench/gpu_check.sh's models-compile stage)."""
+    from bitfast.kernels import weight_standardize as k
+
+    monkeypatch.setattr(k, "_TABLES", {})
+    monkeypatch.setattr(k, "_CAPTURED", set())
+    dev = torch.device("cpu")
+    first = k._device_table([0, 0, 0, 9, 0, 4], dev)
+    assert k._device_table([0, 0, 0, 9, 0, 4], dev) is first  # a hit: no new copy
+    k._CAPTURED.add((str(dev), (0, 0, 0, 9, 0, 4)))  # as if used during a capture
+    for i in range(k._MAX_TABLES + 3):
+        k._device_table([i, 0, 0, 9, 0, 4], dev)
+    assert k._device_table([0, 0, 0, 9, 0, 4], dev) is first and len(k._TABLES) <= k._MAX_TABLES + 1
