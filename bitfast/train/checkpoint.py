@@ -30,8 +30,8 @@ MATH_KEYS = ("mode", "model", "weights", "data", "examples_per_class", "seed", "
              "fewshot_seed", "dropout", "weight_decay_init", "exclude")
 # Resolved values: `--lr 0.003` equals the default, `20x16` equals `20,16`, `--steps 500` equals the rule's 500.
 RECIPE_KEYS = ("dataset_size", "num_classes", "resize", "crop", "flip", "random_crop", "supports", "lr",
-               "weight_decay", "mixup", "batch")
-UPSTREAM_KEYS = ("schedule",)  # only the upstream recipe reads these
+               "weight_decay", "mixup", "batch", "loss", "head_bias", "wd_on", "eval_crop", "crop_area")
+UPSTREAM_KEYS = ("schedule", "minival")  # only the upstream recipe reads these
 
 
 class NonFiniteLoss(RuntimeError):
@@ -163,7 +163,8 @@ def settings_mismatch(state, cfg, recipe):
     saved = state.get("resolved") or {k: _canon(k, v) for k, v in state["config"].items()}  # older checkpoints
     diff = [(k, saved.get(k, _canon(k, default.get(k))), v) for k, v in resolved(cfg).items()]
     now = dataclasses.asdict(recipe)
-    diff += [(k, state["recipe"].get(k), now[k]) for k in RECIPE_KEYS]
+    old = {f.name: f.default for f in dataclasses.fields(recipe)}  # recipe keys newer than the checkpoint
+    diff += [(k, state["recipe"].get(k, old.get(k)), now[k]) for k in RECIPE_KEYS]
     return [(k, a, b) for k, a, b in diff if a != b]
 
 

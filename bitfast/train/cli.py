@@ -59,9 +59,26 @@ def _add_run_flags(p, upstream=False):
         a("--schedule", choices=C.CHOICES["schedule"],
           help="bit-m (default: BiT-S/M, 90 epochs, /10 at 30/60/80) or bit-l (BiT-L: 40 epochs, /10 at 10/23/30/37)")
         a("--epochs", type=float, help="upstream epochs (default: the schedule's; decay epochs scale with it)")
-        a("--warmup", type=int, help="upstream warmup steps (default 5000, capped at a tenth of the run)")
+        a("--warmup", type=int, help="upstream warmup steps (default 5000, the paper's)")
+        a("--warmup-cap", choices=C.CHOICES["warmup_cap"], help="decay (default): cap the warmup only where it would "
+                                                                "reach the first decay; tenth: at a tenth of the run")
         a("--weight-decay", type=float, help="default 1e-4 upstream")
-        a("--loss", choices=C.CHOICES["loss"], help="softmax (default) or sigmoid cross-entropy")
+        a("--wd-on", choices=C.CHOICES["wd_on"], help="kernels (default, big_vision): weight decay on conv kernels "
+                                                      "only; all: on every parameter (GroupNorm and biases too)")
+        a("--loss", choices=C.CHOICES["loss"], help="softmax (default) or sigmoid cross-entropy (multi-hot targets; "
+                                                    "multi-label data such as ImageNet-21k)")
+        a("--head-bias", type=float, help="initial head bias of a model trained from scratch (default: -10 for "
+                                          "sigmoid, big_vision's init_head_bias; 0 for softmax)")
+        a("--crop-area", type=float, help="Inception crop: smallest area fraction (default 0.05, big_vision; "
+                                          "torchvision: 0.08)")
+        a("--eval-crop", choices=C.CHOICES["eval_crop"], help="center (default, big_vision): resize the short side "
+                                                              "to 256, central crop 224; squash: resize to 224x224")
+        a("--minival", type=int, help="data with no val/ or test/: hold out this many training images as the "
+                                      "eval set (fixed seed; default 10000)")
+        a("--fewshot-data", help="few-shot linear eval (closed-form least squares on pre-logits) on this "
+                                 "ImageFolder root or built-in name while training")
+        a("--fewshot-every", type=int, help="run the few-shot eval every N steps (default 0: at the end only)")
+        a("--fewshot-shots", help="images per class for the few-shot eval (default 1,5,10,25)")
     a("--dry-run", action="store_true", help="print the resolved recipe (and which rule chose each value) and exit")
     a("overrides", nargs="*", metavar="key=value", help="any TrainConfig field")
 
@@ -83,8 +100,8 @@ def parser():
                         "stall badly when other jobs share the cores)")
     d.add_argument("--workers", type=int, default=1, help="DataLoader worker processes (default 1)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
-    from bitfast.train import dedup, fewshot_transfer, sweep, vtab  # the evaluation protocols (issue 15)
-    for m in (vtab, fewshot_transfer, sweep, dedup):
+    from bitfast.train import dedup, fewshot, fewshot_transfer, sweep, vtab  # the evaluation protocols (issue 15)
+    for m in (vtab, fewshot_transfer, sweep, dedup, fewshot):
         m.add_parser(sub)
     return p
 
@@ -98,7 +115,8 @@ def config_from_args(args):
 def dry_run(cfg):
     from bitfast.train import data as D
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    train_src, eval_src = D.open_data(cfg.data, cfg.eval_split, cfg.exclude)
+    train_src, eval_src = D.open_data(cfg.data, cfg.eval_split, cfg.exclude,
+                                      cfg.minival if cfg.mode == "upstream" else 0)
     idx = D.fewshot_indices(train_src.labels, cfg.examples_per_class,
                             cfg.seed if cfg.fewshot_seed is None else cfg.fewshot_seed)
     recipe = C.resolve(cfg, len(idx), train_src.image_hw(), len(train_src.classes), world)
@@ -110,6 +128,9 @@ def dry_run(cfg):
     if cfg.dropout or cfg.weight_decay_init:
         print(f"  regularize   dropout {cfg.dropout:g} on the pre-logits, weight decay {cfg.weight_decay_init:g} "
               "towards the initial weights")
+    if cfg.mode == "upstream" and cfg.fewshot_data:
+        print(f"  fewshot      {cfg.fewshot_data}: {cfg.fewshot_shots}-shot linear eval on pre-logits at {recipe.crop}px, "
+              + (f"every {cfg.fewshot_every} steps and " if cfg.fewshot_every else "") + "at the end")
     print(f"  model        {cfg.model}" + (f" from {cfg.weights}" if cfg.weights else " (from scratch)"))
     print(f"  out          {cfg.out}")
 

@@ -39,8 +39,17 @@ class TrainConfig:
     weight_decay: Optional[float] = None  # transfer: 0; upstream: 1e-4
     schedule: str = "bit-m"  # upstream only: "bit-m" (90 epochs, /10 at 30/60/80) or "bit-l" (40; 10/23/30/37)
     epochs: Optional[float] = None  # upstream only; default: the schedule's (decay epochs scale with it)
-    warmup: int = 5000  # upstream only (capped at a tenth of the run)
+    warmup: int = 5000  # upstream only (paper: 5000 steps)
+    warmup_cap: str = "decay"  # upstream: cap the warmup only at the first decay; "tenth": at a tenth of the run
     loss: str = "softmax"  # or "sigmoid" (multi-label upstream data, as ImageNet-21k)
+    head_bias: Optional[float] = None  # initial head bias; default -10 for sigmoid (big_vision), 0 for softmax
+    wd_on: str = "kernels"  # upstream: weight decay on conv kernels only (big_vision) or on "all" parameters
+    eval_crop: str = "center"  # upstream eval: short side to RESIZE, central crop (big_vision); "squash" to CROP
+    crop_area: float = 0.05  # upstream Inception crop: min area fraction (big_vision 0.05; torchvision 0.08)
+    minival: int = 10_000  # upstream data without val/ or test/: hold out this many train images (fixed seed)
+    fewshot_data: Optional[str] = None  # upstream: few-shot linear eval on this data (fewshot.py) ...
+    fewshot_every: int = 0  # ... every N steps (0: only at the end when fewshot_data is set)
+    fewshot_shots: str = "1,5,10,25"
     norm: str = "gn"  # model variants for scratch/ablation runs
     conv: str = "ws"
     precision: str = "fp32"
@@ -62,15 +71,18 @@ PRESETS = {
     "transfer": {},
     "upstream": dict(mode="upstream", batch=4096),
     # The demo: HyperRule shape at a CPU scale (1/8 of the batch, 1/5 of the steps, 28px crops).
+    # The demo keeps the settings its README numbers were measured with (warmup cap, squash eval, 8% crops, wd on all).
     "demo-upstream": dict(mode="upstream", model="bit_small", data="fashion-mnist-small:0-4", batch=128,
-                          epochs=6, warmup=50, resolution="32,28", workers=0, eval_every=0, log_every=5),
+                          epochs=6, warmup=50, resolution="32,28", workers=0, eval_every=0, log_every=5,
+                          warmup_cap="tenth", eval_crop="squash", crop_area=0.08, wd_on="all"),
     "demo-transfer": dict(model="bit_small", data="fashion-mnist-small:5-9", examples_per_class=10, batch=64,
                           steps=100, resolution="32,28", workers=0, eval_every=50, log_every=5),
 }
 
 CHOICES = dict(mode=("transfer", "upstream"), precision=("fp32", "bf16", "fp16"), loss=("softmax", "sigmoid"),
                norm=("gn", "bn"), conv=("ws", "plain"), schedule=tuple(hr.UPSTREAM_SCHEDULES),
-               eval_split=("auto", "test", "val"))
+               eval_split=("auto", "test", "val"), warmup_cap=("decay", "tenth"), wd_on=("kernels", "all"),
+               eval_crop=("center", "squash"))
 
 
 def _coerce(name, typ, text):
@@ -128,7 +140,10 @@ def validate(cfg):
         if getattr(cfg, k) not in allowed:
             raise ValueError(f"{_flag(k)} must be one of {allowed}, got {getattr(cfg, k)!r}")
     _check(cfg, ("batch", "batch_split", "log_every"), lambda v: v >= 1, ">= 1")
-    _check(cfg, ("examples_per_class", "warmup"), lambda v: v >= 0, ">= 0")
+    _check(cfg, ("examples_per_class", "warmup", "minival", "fewshot_every"), lambda v: v >= 0, ">= 0")
+    _check(cfg, ("crop_area",), lambda v: math.isfinite(v) and 0 < v <= 1, "a fraction in (0, 1]")
+    _check(cfg, ("head_bias",), math.isfinite, "a finite number", optional=True)
+    parse_shots(cfg.fewshot_shots)
     _check(cfg, ("steps", "stop_after", "ckpt_every"), lambda v: v >= 1, ">= 1", optional=True)
     _check(cfg, ("eval_every", "workers"), lambda v: v >= 0, ">= 0", optional=True)
     _check(cfg, ("seed", "fewshot_seed"), lambda v: 0 <= v <= SEED_MAX, "in [0, 2**63)", optional=True)
@@ -164,6 +179,17 @@ def parse_resolution(text):
     return (None, vals[0]) if len(vals) == 1 else tuple(vals)
 
 
+def parse_shots(text):
+    """'1,5,10,25' -> [1, 5, 10, 25] (sorted, unique, each >= 1)."""
+    try:
+        shots = sorted({int(t) for t in str(text).split(",")})
+    except ValueError:
+        shots = []
+    if not shots or shots[0] < 1:
+        raise ValueError(f"--fewshot-shots must be a list of K >= 1 like '1,5,10,25', got {text!r}")
+    return shots
+
+
 def make_config(preset="transfer", overrides=(), **kw):
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
@@ -190,6 +216,12 @@ class Recipe:
     rank_batch: int
     rank_split: int  # micro-batches per rank step
     why: dict = field(default_factory=dict)
+    # Defaults = what a checkpoint written before these fields existed computed (checkpoint.settings_mismatch).
+    loss: str = "softmax"
+    head_bias: float = 0.0  # the head's initial bias (a model built here from scratch)
+    wd_on: str = "all"  # "all" parameters or conv "kernels" only
+    eval_crop: str = "squash"  # "squash": resize to (crop, crop); "center": short side to resize, central crop
+    crop_area: float = 0.08  # Inception crop's minimum area fraction (upstream)
 
     @property
     def steps(self):
@@ -216,7 +248,7 @@ def resolve(cfg, dataset_size, image_hw, num_classes, world_size=1):
     # Resolution.
     (r_rule, c_rule), why_res = hr.resolution(image_hw, paper=cfg.paper_res)
     if cfg.mode == "upstream":
-        (r_rule, c_rule), why_res = (256, 224), "upstream recipe: Inception crop 224 (+flip); eval: resize 224"
+        (r_rule, c_rule), why_res = (256, 224), "upstream recipe: Inception crop 224 (+flip); eval at 256/224"
     if cfg.resolution is None:
         resize, crop, why["resolution"] = r_rule, c_rule, why_res
     else:
@@ -232,11 +264,14 @@ def resolve(cfg, dataset_size, image_hw, num_classes, world_size=1):
         mix, why["mixup"] = hr.mixup_alpha(dataset_size)
     else:
         spe = max(1, dataset_size // cfg.batch)
-        supports = hr.upstream_supports(spe, cfg.epochs, cfg.warmup, cfg.schedule)
+        supports = hr.upstream_supports(spe, cfg.epochs, cfg.warmup, cfg.schedule, cap=cfg.warmup_cap)
         ref, decays = hr.UPSTREAM_SCHEDULES[cfg.schedule]
         epochs = ref if cfg.epochs is None else cfg.epochs
         why["supports"] = (f"upstream {cfg.schedule}: {epochs:g} epochs x {spe} steps, /10 at epochs "
-                           f"{'/'.join(map(str, decays))} of {ref}" + (" (scaled)" if epochs != ref else ""))
+                           f"{'/'.join(map(str, decays))} of {ref}" + (" (scaled)" if epochs != ref else "")
+                           + f"; warmup {cfg.warmup}" + (f" capped at {supports[0]}" if supports[0] < cfg.warmup else "")
+                           + (" (--warmup-cap tenth: at most a tenth of the run)" if cfg.warmup_cap == "tenth"
+                              else " (capped only at the first decay)"))
         lr, why["lr"] = hr.upstream_lr(cfg.batch), f"upstream: 0.03 x batch/256 = {hr.upstream_lr(cfg.batch):g}"
         wd, why["weight_decay"] = 1e-4, "upstream recipe: weight decay 1e-4"
         mix, why["mixup"] = 0.0, "upstream recipe: no MixUp"
@@ -255,25 +290,47 @@ def resolve(cfg, dataset_size, image_hw, num_classes, world_size=1):
                     + (" (the rule's 512)" if cfg.batch == hr.BATCH else " (--batch)"))
     why["flip"] = "--no-flip" if cfg.no_flip else "random horizontal flip"
     why["random_crop"] = "--no-crop (resize straight to the crop size)" if cfg.no_crop else "random crop"
+    up = cfg.mode == "upstream"
+    extra = dict(loss=cfg.loss)
+    extra["head_bias"] = cfg.head_bias if cfg.head_bias is not None else (-10.0 if cfg.loss == "sigmoid" else 0.0)
+    why["loss"] = f"--loss {cfg.loss}" + (": multi-hot targets, per-class binary cross-entropy"
+                                          if cfg.loss == "sigmoid" else "")
+    why["head_bias"] = (f"--head-bias {cfg.head_bias:g}" if cfg.head_bias is not None else
+                        "sigmoid: -10 (big_vision bit_i21k init_head_bias)" if cfg.loss == "sigmoid" else "softmax: 0")
+    if up:
+        extra.update(wd_on=cfg.wd_on, eval_crop=cfg.eval_crop, crop_area=cfg.crop_area)
+        why["wd_on"] = (f"--wd-on {cfg.wd_on}: " + ("conv kernels only, not GroupNorm scales/biases or the head bias "
+                                                   "(big_vision)" if cfg.wd_on == "kernels" else "every parameter"))
+        why["eval_crop"] = (f"--eval-crop {cfg.eval_crop}: " + ("short side to the resize, central crop (big_vision)"
+                                                               if cfg.eval_crop == "center" else "squash to the crop"))
+        why["crop_area"] = f"--crop-area {cfg.crop_area:g}: " + ("big_vision" if cfg.crop_area == 0.05 else
+                                                               "torchvision" if cfg.crop_area == 0.08 else "custom")
     return Recipe(cfg.mode, dataset_size, num_classes, resize, crop, not cfg.no_flip, not cfg.no_crop,
-                  supports, lr, wd, mix, cfg.batch, world_size, rank_batch, split, why)
+                  supports, lr, wd, mix, cfg.batch, world_size, rank_batch, split, why, **extra)
 
 
 def describe(recipe):
     """Multi-line text for --dry-run and the start of a run."""
     r = recipe
+    up = r.mode == "upstream"
     rows = [
         ("dataset", f"{r.dataset_size:,} training examples, {r.num_classes} classes", None),
-        ("resolution", f"Inception crop -> {r.crop}" if r.mode == "upstream" and r.random_crop
+        ("resolution", f"Inception crop ({r.crop_area:g}-1 of the area) -> {r.crop}" if up and r.random_crop
          else f"resize {r.resize} -> crop {r.crop}", "resolution"),
         ("supports", f"warmup {r.supports[0]}, /10 after {r.supports[1:-1]}, end {r.steps} steps", "supports"),
         ("lr", f"{r.lr:g}", "lr"),
-        ("weight decay", f"{r.weight_decay:g}", "weight_decay"),
+        ("weight decay", f"{r.weight_decay:g}" + (f" on {r.wd_on}" if r.weight_decay else ""), "weight_decay"),
         ("mixup alpha", f"{r.mixup:g}", "mixup"),
         ("batch", f"{r.batch}", "batch"),
         ("flip", str(r.flip), "flip"),
         ("random crop", str(r.random_crop), "random_crop"),
+        ("loss", r.loss, "loss"),
+        ("head bias", f"{r.head_bias:g}", "head_bias"),
     ]
+    if up:
+        rows += [("wd on", r.wd_on, "wd_on"), ("crop area", f"{r.crop_area:g}-1", "crop_area"),
+                 ("eval", f"resize short side {r.resize}, central crop {r.crop}" if r.eval_crop == "center"
+                  else f"resize to {r.crop}x{r.crop}", "eval_crop")]
     lines = [f"{r.mode} recipe:"]
     lines += [f"  {k:<13}{v}" + (f"   [{r.why[w]}]" if w in r.why else "") for k, v, w in rows]
     return "\n".join(lines)

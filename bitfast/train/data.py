@@ -6,7 +6,9 @@ the number of workers or ranks, and a resumed run replays exactly the same image
 
     train: squash-resize to (R, R) -> random crop C -> random flip          (transfer, GUIDE §4)
            Inception crop C -> random flip                                  (upstream)
-    eval : squash-resize to (C, C)
+    eval : squash-resize to (C, C)                                          (transfer)
+           resize the short side to R -> central crop C                      (upstream, big_vision)
+Labels are an int, or a list of class indices (multi-label); collate pads lists into (N, L) with -1.
 Images leave the workers as uint8 (3, C, C); the loop scales them to [-1, 1] on the device.
 """
 import math
@@ -161,11 +163,46 @@ def canonical_spec(spec):
     return os.path.realpath(os.path.expanduser(spec))
 
 
-def open_data(spec, eval_split="auto", exclude=None):
+class SubsetSource:
+    """Items `idx` of another source (a minival held out of train, or the rest of train)."""
+
+    def __init__(self, src, idx, name):
+        self.src, self.idx, self.name = src, np.asarray(idx, np.int64), name
+        self.labels, self.classes, self.in_memory = src.labels[self.idx], src.classes, src.in_memory
+
+    def __len__(self):
+        return len(self.idx)
+
+    def describe(self, i):
+        return self.src.describe(int(self.idx[i]))
+
+    def load(self, i):
+        return self.src.load(int(self.idx[i]))
+
+    def image_hw(self):
+        return self.src.image_hw()
+
+
+MINIVAL_SEED = 0x4D1  # fixed: the same minival for every run seed
+
+
+def hold_out(train, n, name):
+    """(rest, minival): `n` items of `train` chosen by a fixed seed, for data with no validation split."""
+    if not 0 < n < len(train):
+        raise ValueError(f"--minival {n}: {name} has no val/ or test/ split, so the eval set is held out of its "
+                         f"{len(train):,} training images; give 0 < --minival < {len(train):,}")
+    pick = np.random.default_rng(MINIVAL_SEED).permutation(len(train))
+    val, rest = np.sort(pick[:n]), np.sort(pick[n:])
+    return (SubsetSource(train, rest, f"{train.name} (minus minival)"),
+            SubsetSource(train, val, f"{train.name} minival ({n:,} held out of train)"))
+
+
+def open_data(spec, eval_split="auto", exclude=None, minival=0):
     """(train source, eval source) for an ImageFolder root or a built-in name like 'fashion-mnist:5-9'.
 
     eval_split "auto" takes test/ when there is one (the official split, as the paper reports), else val/.
-    exclude: a file of image paths (one per line) to drop from both sources, e.g. dedup's near-duplicates."""
+    exclude: a file of image paths (one per line) to drop from both sources, e.g. dedup's near-duplicates.
+    minival > 0 (upstream): data with no eval split gets `minival` training images held out as its eval set."""
     if not spec:
         raise ValueError("data: give --data (an ImageFolder root with train/ and val/ or test/, or one of "
                          f"{', '.join(BUILTIN)}, optionally with ':CLASSES', e.g. fashion-mnist:5-9)")
@@ -186,6 +223,11 @@ def open_data(spec, eval_split="auto", exclude=None):
                                 "nor a directory with a train/ folder")
     order = ("test", "val") if eval_split == "auto" else (eval_split,)
     eval_dir = next((os.path.join(spec, d) for d in order if os.path.isdir(os.path.join(spec, d))), None)
+    if eval_dir is None and minival and eval_split == "auto":
+        train = FolderSource(train_dir)
+        if exclude:
+            drop_listed((train,), exclude)
+        return hold_out(train, minival, spec)
     if eval_dir is None:
         raise FileNotFoundError(f"data: {spec} has train/ but neither test/ nor val/" if eval_split == "auto" else
                                 f"eval_split: {spec} has no {eval_split}/ folder")
@@ -264,8 +306,16 @@ def inception_transform(img, rng, crop, flip=True, scale=(0.08, 1.0), ratio=(3 /
     return _to_uint8_chw(img)
 
 
-def eval_transform(img, crop):
-    return _to_uint8_chw(img.resize((crop, crop), Image.BILINEAR))
+def eval_transform(img, crop, resize=None):
+    """Squash to (crop, crop); or, with `resize`, the short side to `resize` and a central crop (big_vision)."""
+    if resize is None:
+        return _to_uint8_chw(img.resize((crop, crop), Image.BILINEAR))
+    w, h = img.size
+    s = resize / min(w, h)
+    w2, h2 = max(crop, round(w * s)), max(crop, round(h * s))
+    img = img.resize((w2, h2), Image.BILINEAR)
+    left, top = (w2 - crop) // 2, (h2 - crop) // 2
+    return _to_uint8_chw(img.crop((left, top, left + crop, top + crop)))
 
 
 class View(torch.utils.data.Dataset):
@@ -279,7 +329,8 @@ class View(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         i, seed = item
-        label = int(self.source.labels[i])
+        label = self.source.labels[i]
+        label = [int(c) for c in label] if isinstance(label, (list, tuple, np.ndarray)) else int(label)
         try:  # decoding and the transform: either may fail on a bad or huge image (MemoryError included)
             return self._transform(self.source.load(i), seed), label, None
         except Exception as e:  # skipped and counted by the loop, never fatal
@@ -287,10 +338,10 @@ class View(torch.utils.data.Dataset):
 
     def _transform(self, img, seed):
         if seed is None:
-            return eval_transform(img, self.r.crop)
+            return eval_transform(img, self.r.crop, self.r.resize if self.r.eval_crop == "center" else None)
         rng = np.random.default_rng(seed)
         if self.upstream and self.r.random_crop:
-            return inception_transform(img, rng, self.r.crop, self.r.flip)
+            return inception_transform(img, rng, self.r.crop, self.r.flip, scale=(self.r.crop_area, 1.0))
         return train_transform(img, rng, self.r.resize, self.r.crop, self.r.flip, self.r.random_crop)
 
 
@@ -300,7 +351,18 @@ def collate(items):
     bad = [err for _, _, err in items if err is not None]
     if not good:
         return None, None, bad
-    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), bad
+    return torch.stack([x for x, _ in good]), label_tensor([y for _, y in good]), bad
+
+
+def label_tensor(ys):
+    """ints -> (N,) int64; lists of class indices (multi-label) -> (N, L) int64 padded with -1."""
+    if not any(isinstance(y, list) for y in ys):
+        return torch.tensor(ys, dtype=torch.int64)
+    ys = [y if isinstance(y, list) else [y] for y in ys]
+    out = torch.full((len(ys), max(1, max(map(len, ys)))), -1, dtype=torch.int64)
+    for i, y in enumerate(ys):
+        out[i, :len(y)] = torch.tensor(y, dtype=torch.int64)
+    return out
 
 
 class StreamSampler:

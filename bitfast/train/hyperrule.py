@@ -83,11 +83,12 @@ UPSTREAM_SCHEDULES = {
 }
 
 
-def upstream_supports(steps_per_epoch, epochs=None, warmup=5000, schedule="bit-m"):
+def upstream_supports(steps_per_epoch, epochs=None, warmup=5000, schedule="bit-m", cap="decay"):
     """Upstream step schedule [warmup, decays..., end] for one of UPSTREAM_SCHEDULES.
 
     `epochs` (default: the schedule's own) stretches the decay epochs proportionally. Warmup (5000 steps in the
-    paper) is capped at a tenth of the run so short runs still decay.
+    paper) is capped only where it would reach the first decay (cap="decay"), or at a tenth of the run
+    (cap="tenth", bitfast before issue 14: 2808 steps for BiT-S on ILSVRC-2012 at batch 4096).
     """
     if schedule not in UPSTREAM_SCHEDULES:
         raise ValueError(f"schedule must be one of {sorted(UPSTREAM_SCHEDULES)}, got {schedule!r}")
@@ -97,7 +98,9 @@ def upstream_supports(steps_per_epoch, epochs=None, warmup=5000, schedule="bit-m
         raise ValueError(f"epochs must be positive, got {epochs}")
     total = max(1, round(epochs * steps_per_epoch))
     decays = [max(1, round(e * epochs / ref * steps_per_epoch)) for e in decay_epochs]
-    warm = min(int(warmup), max(1, total // 10))
+    if cap not in ("decay", "tenth"):
+        raise ValueError(f"warmup cap must be 'decay' or 'tenth', got {cap!r}")
+    warm = min(int(warmup), max(1, total // 10) if cap == "tenth" else decays[0])
     return [warm] + decays + [total]
 
 

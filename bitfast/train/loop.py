@@ -83,7 +83,7 @@ class StopSignal:
             os.close(self._pipe[0])
 
 
-def build_model(cfg, num_classes):
+def build_model(cfg, num_classes, head_bias=0.0):
     from bitfast import models
     if cfg.weights and not os.path.isfile(cfg.weights):
         raise ValueError(f"--weights {cfg.weights}: " + ("is a directory, not a weights file"
@@ -98,7 +98,20 @@ def build_model(cfg, num_classes):
         raise ValueError(f"--weights {cfg.weights}: the weights hold nan or inf values")
     if cfg.mode == "transfer" and cfg.weights:
         model.reset_head(num_classes, zero=True)  # BiT transfer always starts from a new zero head
+    if head_bias and not cfg.weights and getattr(model, "head", None) is not None:
+        with torch.no_grad():  # sigmoid: every class starts near p = sigmoid(-10), not 0.5 (big_vision)
+            model.head.fc.bias.fill_(head_bias)
     return model
+
+
+def param_groups(model, weight_decay, wd_on):
+    """SGD parameter groups: one group with `weight_decay`, or (wd_on="kernels") decay on conv kernels (ndim > 1:
+    the stem, every block conv and the head's 1x1 conv) and none on GroupNorm scales/biases and the head bias."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if wd_on == "all" or not weight_decay:
+        return [dict(params=params, weight_decay=weight_decay)]
+    return [dict(params=[p for p in params if p.ndim > 1], weight_decay=weight_decay),
+            dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0)]
 
 
 def to_input(x, device, channels_last):  # uint8 (N, 3, H, W) -> float32 in [-1, 1]
@@ -117,10 +130,20 @@ def mixup_perm(seed, step, rank, n):
     return torch.randperm(n, generator=torch.Generator().manual_seed(s))
 
 
-def loss_sum(logits, y, kind):  # (N, K), (N,) -> summed loss, fp32
+def multi_hot(y, k):
+    """(N,) class indices or (N, L) lists padded with -1 -> (N, K) float 0/1."""
+    y = y[:, None] if y.dim() == 1 else y
+    out = torch.zeros(len(y), k + 1, device=y.device)
+    return out.scatter_(1, torch.where(y < 0, k, y), 1.0)[:, :k]
+
+
+def loss_sum(logits, y, kind):  # (N, K), (N,) or (N, L) multi-label -> summed loss, fp32
     logits = logits.float()
-    if kind == "sigmoid":
-        return F.binary_cross_entropy_with_logits(logits, F.one_hot(y, logits.shape[1]).float(), reduction="sum")
+    if kind == "sigmoid":  # summed over classes, as big_vision's sigmoid_xent
+        return F.binary_cross_entropy_with_logits(logits, multi_hot(y, logits.shape[1]), reduction="sum")
+    if y.dim() == 2:  # multi-label data with softmax: the target mass split evenly over the sample's labels
+        t = multi_hot(y, logits.shape[1])
+        return -(t / t.sum(1, keepdim=True).clamp_min(1) * F.log_softmax(logits, 1)).sum()
     return F.cross_entropy(logits, y, reduction="sum")
 
 
@@ -173,8 +196,9 @@ def evaluate(S):
         with S.autocast():
             logits = S.model(to_input(x, S.world.device, S.cfg.channels_last)).float()
         top = logits.topk(k, dim=1).indices
-        c1 += float((top[:, 0] == y).sum())
-        c5 += float((top == y[:, None]).any(1).sum())
+        hit = multi_hot(y, logits.shape[1]).gather(1, top) > 0  # multi-label: a hit is any of the labels
+        c1 += float(hit[:, 0].sum())
+        c5 += float(hit.any(1).sum())
         tot += float(loss_sum(logits, y, S.cfg.loss))
         n += len(y)
     c1, c5, tot, n, stopped = dist.all_sum(S.world, [c1, c5, tot, n, stopped])
@@ -191,7 +215,8 @@ def setup(cfg, world, model=None):
     S = type("Run", (), {})()  # a plain bag of run state; cleared at the end so DDP dies before the group
     S.cfg, S.world, S.bad, S.images, S.wall_before, S.images_before = cfg, world, set(), 0, 0.0, 0
     S.log = print if world.main else (lambda *a, **k: None)
-    train_src, S.eval_src = D.open_data(cfg.data, cfg.eval_split, cfg.exclude)
+    train_src, S.eval_src = D.open_data(cfg.data, cfg.eval_split, cfg.exclude,
+                                        cfg.minival if cfg.mode == "upstream" else 0)
     S.indices = D.fewshot_indices(train_src.labels, cfg.examples_per_class,
                                   cfg.seed if cfg.fewshot_seed is None else cfg.fewshot_seed)
     S.recipe = C.resolve(cfg, len(S.indices), train_src.image_hw(), len(train_src.classes), world.size)
@@ -200,7 +225,8 @@ def setup(cfg, world, model=None):
     S.workers = cfg.workers if cfg.workers is not None else (
         0 if train_src.in_memory else min(8, max(1, (os.cpu_count() or 1) // local_world)))
     S.pin = world.device.type == "cuda"
-    S.model = (model if model is not None else build_model(cfg, S.recipe.num_classes)).to(world.device)
+    S.model = (model if model is not None else build_model(cfg, S.recipe.num_classes, S.recipe.head_bias)
+               ).to(world.device)
     if cfg.channels_last:
         S.model = S.model.to(memory_format=torch.channels_last)
     regularize.add_prelogit_dropout(S.model, cfg.dropout)
@@ -215,7 +241,7 @@ def setup(cfg, world, model=None):
         S.ddp = torch.nn.parallel.DistributedDataParallel(
             S.model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
     S.fwd = torch.compile(S.ddp) if cfg.compile else S.ddp
-    S.opt = torch.optim.SGD(S.model.parameters(), lr=S.recipe.lr, momentum=0.9, weight_decay=S.recipe.weight_decay)
+    S.opt = torch.optim.SGD(param_groups(S.model, S.recipe.weight_decay, S.recipe.wd_on), lr=S.recipe.lr, momentum=0.9)
     return S
 
 
@@ -272,12 +298,18 @@ def _run(S, stop):
     eval_every = cfg.eval_every if cfg.eval_every is not None else max(1, total // 5)
     ckpt_every = cfg.ckpt_every if cfg.ckpt_every is not None else max(1, math.ceil(total / 10))
     eval_due = lambda s: s < total and eval_every and s % eval_every == 0  # noqa: E731
+    S.fewshot = None
+    if cfg.mode == "upstream" and cfg.fewshot_data and world.main:  # rank 0 scores it; the others wait
+        from bitfast.train.fewshot import FewShot
+        S.fewshot = FewShot(cfg.fewshot_data, C.parse_shots(cfg.fewshot_shots), r.crop, cfg.seed)
+    fs_due = lambda s: (cfg.fewshot_data and cfg.mode == "upstream" and s < total and cfg.fewshot_every  # noqa: E731
+                        and s % cfg.fewshot_every == 0)
     sampler = D.StreamSampler(S.indices, r.batch, world.rank, world.size, cfg.seed, start, end_this_run)
     S.progress = progress = report.Progress(metrics, total, start, cfg.log_every, cfg.mode, bar=cfg.progress)
     progress.restore(S.window)
     S.t_start, other, step = time.time(), 0.0, start  # other: time spent in eval and checkpoints
     # The checkpoint at `start` was written before its eval (if one was due), which a kill may have cut short.
-    if start and eval_due(start) and not _eval(S, metrics, start):
+    if start and (eval_due(start) or fs_due(start)) and not _eval(S, metrics, start, eval_due(start), fs_due(start)):
         return _stopped(S, start)
     other = time.time() - S.t_start
     for x, y, bad in D.loader(D.View(S.train_src, r, upstream=cfg.mode == "upstream"), sampler, S.workers, S.pin):
@@ -292,8 +324,8 @@ def _run(S, stop):
         t0 = time.time()
         if stopping or step == end_this_run or step % ckpt_every == 0:
             ck.save_run(S, step)
-        if not stopping and eval_due(step):
-            stopping = not _eval(S, metrics, step)
+        if not stopping and (eval_due(step) or fs_due(step)):
+            stopping = not _eval(S, metrics, step, eval_due(step), fs_due(step))
             progress.restart_timer()
         if stopping:
             return _stopped(S, step)
@@ -307,12 +339,25 @@ def _run(S, stop):
     return summary if stop.signum is None else dict(summary, stopped=signal.Signals(stop.signum).name)
 
 
-def _eval(S, metrics, step):
-    """The periodic eval at `step`; False when a stop signal cut it short."""
-    ev = evaluate(S)
-    if ev is not None and S.world.main:
+def _eval(S, metrics, step, ev=True, fs=False):
+    """The periodic eval (and few-shot eval) at `step`; False when a stop signal cut it short."""
+    ev = evaluate(S) if ev else {}
+    if ev is not None and fs:
+        _fewshot(S, metrics, step)
+    if ev and S.world.main:
         metrics.write("eval", step, **ev)
     return ev is not None
+
+
+def _fewshot(S, metrics, step):
+    """Few-shot linear eval of the pre-logits (rank 0; the other ranks wait at the barrier)."""
+    if S.fewshot is not None:
+        acc = S.fewshot.evaluate(S.model, S.world.device)
+        metrics.write("fewshot", step, **{f"{k}shot": v for k, v in acc.items()})
+        S.progress.warn(f"few-shot {S.cfg.fewshot_data} at step {step}: "
+                        + ", ".join(f"{k}-shot {v:.1%}" for k, v in acc.items()))
+        S.fewshot_last = acc
+    dist.barrier(S.world)
 
 
 def _stopped(S, step):
@@ -363,9 +408,13 @@ def finish(S, metrics, start, train_time):
     if ev is None:  # a signal during the final eval; last.pt holds the finished run, a rerun redoes this
         return _stopped(S, S.recipe.steps)
     bad = sorted(set().union(*dist.all_gather_objects(S.world, S.bad)))
+    if S.world.main:
+        metrics.write("eval", S.recipe.steps, final=True, **ev)
+    if S.cfg.mode == "upstream" and S.cfg.fewshot_data:
+        _fewshot(S, metrics, S.recipe.steps)
     if not S.world.main:
         return dict(ev, step=S.recipe.steps)
-    metrics.write("eval", S.recipe.steps, final=True, **ev)
+    fewshot = {"fewshot": {str(k): v for k, v in S.fewshot_last.items()}} if S.fewshot is not None else {}
     metrics.close()
     from bitfast import models
     saved = ["last.pt", "metrics.jsonl", "summary.json"]
@@ -377,7 +426,7 @@ def finish(S, metrics, start, train_time):
     summary = dict(top1=ev["top1"], top5=ev["top5"], eval_loss=ev["loss"], eval_images=ev["images"],
                    num_classes=S.recipe.num_classes,
                    steps=S.recipe.steps, wall_s=wall, img_per_s=S.images / train_time if trained else 0.0,
-                   skipped_images=bad, out=S.cfg.out)
+                   skipped_images=bad, out=S.cfg.out, **fewshot)
     ck.write_json(os.path.join(S.cfg.out, "summary.json"), summary)
     png, why = report.plot(metrics.path, os.path.join(S.cfg.out, "plot.png"), f"{S.cfg.model} {S.cfg.mode}")
     S.log(report.summary_text(summary))
