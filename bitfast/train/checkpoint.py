@@ -24,7 +24,8 @@ import torch
 from bitfast.train.dist import barrier
 
 FORMAT = "bitfast-train/1"
-OUTPUTS = ("last.pt", "model.pt", "summary.json", "plot.png", "config.json", "metrics.jsonl")
+OUTPUTS = ("last.pt", "model.pt", "summary.json", "plot.png", "config.json", "metrics.jsonl", "data_index.npz",
+           "data_index_eval.npz")
 # Config keys that change what is computed and are not already fixed in the Recipe; a resumed run must agree.
 MATH_KEYS = ("mode", "model", "weights", "data", "examples_per_class", "seed", "loss", "norm", "conv", "precision",
              "fewshot_seed", "dropout", "weight_decay_init", "exclude")
@@ -189,7 +190,8 @@ def save_run(S, step, name="last.pt"):
         save_atomic({"format": FORMAT, "step": step, "model": S.model.state_dict(),
                      "optimizer": S.opt.state_dict(), "scaler": S.scaler.state_dict() if S.scaler else None,
                      "rng": rng_state(), "sampler": {"step": step, "seed": S.cfg.seed, "batch": S.recipe.batch,
-                                                     "examples": len(S.indices), "examples_sha256": digest(S.indices)},
+                                                     "examples": len(S.indices), "examples_sha256": digest(S.indices),
+                                                     "stream": S.stream},
                      "config": dataclasses.asdict(S.cfg), "recipe": dataclasses.asdict(S.recipe),
                      "resolved": resolved(S.cfg),
                      "bad_images": sorted(S.bad), "wall_s": S.wall_before + time.time() - S.t_start,
@@ -211,6 +213,9 @@ def resume_run(S):
         diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in bad)
         raise ValueError(f"resume: {path} was written with different settings ({diff}); "
                          "use a new --out, or the original settings")
+    if state["sampler"].get("stream") != S.stream:
+        raise ValueError(f"resume: {path} streamed its shards over {state['sampler'].get('stream')} (ranks, workers); "
+                         f"now {S.stream}: resume with the same world size and --workers")
     if state["sampler"]["examples_sha256"] != digest(S.indices):
         raise ValueError(f"resume: the training examples differ from those in {path} (did the data change?)")
     S.model.load_state_dict(state["model"])

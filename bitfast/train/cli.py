@@ -19,8 +19,9 @@ def _add_run_flags(p, upstream=False):
     a = p.add_argument
     a("--model", help="zoo name (bitfast.models.list_models()), e.g. BiT-M-R50x1, bit_tiny")
     a("--weights", help="pre-trained weights: official BiT .npz, timm state_dict, or a bitfast model.pt")
-    a("--data", help="ImageFolder root with train/ and val/ (or test/), or a built-in dataset: fashion-mnist, "
-                     "fashion-mnist-small, fashion-mnist-full, with optional classes, e.g. fashion-mnist:5-9")
+    a("--data", help="ImageFolder root with train/ and val/ (or test/), a built-in dataset: fashion-mnist, "
+                     "fashion-mnist-small, fashion-mnist-full, with optional classes, e.g. fashion-mnist:5-9, or a "
+                     "webdataset shard pattern, e.g. '/data/i21k/train-{0000..2047}.tar' (bitfast-train pack)")
     a("--out", help="run directory (checkpoints, metrics.jsonl, plot.png, summary.json); default runs/bitfast")
     a("--examples-per-class", type=int, help="few-shot: keep K training examples per class (seeded; 0 = all)")
     a("--seed", type=int, help="seed for the few-shot choice, data order, augmentation and MixUp (default 0)")
@@ -100,8 +101,8 @@ def parser():
                         "stall badly when other jobs share the cores)")
     d.add_argument("--workers", type=int, default=1, help="DataLoader worker processes (default 1)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
-    from bitfast.train import dedup, fewshot, fewshot_transfer, sweep, vtab  # the evaluation protocols (issue 15)
-    for m in (vtab, fewshot_transfer, sweep, dedup, fewshot):
+    from bitfast.train import dedup, fewshot, fewshot_transfer, shards, sweep, vtab  # protocols and tools
+    for m in (vtab, fewshot_transfer, sweep, dedup, fewshot, shards):
         m.add_parser(sub)
     return p
 

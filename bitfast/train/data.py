@@ -197,15 +197,21 @@ def hold_out(train, n, name):
             SubsetSource(train, val, f"{train.name} minival ({n:,} held out of train)"))
 
 
-def open_data(spec, eval_split="auto", exclude=None, minival=0):
+def open_data(spec, eval_split="auto", exclude=None, minival=0, cache_dir=None, write_cache=True):
     """(train source, eval source) for an ImageFolder root or a built-in name like 'fashion-mnist:5-9'.
 
     eval_split "auto" takes test/ when there is one (the official split, as the paper reports), else val/.
     exclude: a file of image paths (one per line) to drop from both sources, e.g. dedup's near-duplicates.
-    minival > 0 (upstream): data with no eval split gets `minival` training images held out as its eval set."""
+    minival > 0 (upstream): data with no eval split gets `minival` training images held out as its eval set.
+    A shard pattern ('DIR/train-{0000..0099}.tar') opens as shards.ShardSource; its index is cached in cache_dir."""
     if not spec:
         raise ValueError("data: give --data (an ImageFolder root with train/ and val/ or test/, or one of "
                          f"{', '.join(BUILTIN)}, optionally with ':CLASSES', e.g. fashion-mnist:5-9)")
+    from bitfast.train import shards
+    if shards.is_shard_spec(spec) and not os.path.isdir(spec):
+        if exclude or eval_split != "auto":
+            raise ValueError(f"{'exclude' if exclude else 'eval_split'}: not supported for shard data")
+        return shards.open_shards(spec, minival, cache_dir, write_cache)
     name, _, cls_text = spec.partition(":")
     if name in BUILTIN and not os.path.isdir(spec):
         if eval_split == "val" or exclude:

@@ -215,8 +215,16 @@ def setup(cfg, world, model=None):
     S = type("Run", (), {})()  # a plain bag of run state; cleared at the end so DDP dies before the group
     S.cfg, S.world, S.bad, S.images, S.wall_before, S.images_before = cfg, world, set(), 0, 0.0, 0
     S.log = print if world.main else (lambda *a, **k: None)
+    from bitfast.train import shards
+    sharded = shards.is_shard_spec(cfg.data) and not os.path.isdir(cfg.data)
+    if sharded and not world.main:  # rank 0 scans the shards once and caches the index in the run directory
+        dist.barrier(world)
     train_src, S.eval_src = D.open_data(cfg.data, cfg.eval_split, cfg.exclude,
-                                        cfg.minival if cfg.mode == "upstream" else 0)
+                                        cfg.minival if cfg.mode == "upstream" else 0, cfg.out, world.main)
+    if sharded and world.main:
+        dist.barrier(world)
+    if sharded and cfg.examples_per_class:
+        raise ValueError("--examples-per-class: not supported for shard data (use an ImageFolder)")
     S.indices = D.fewshot_indices(train_src.labels, cfg.examples_per_class,
                                   cfg.seed if cfg.fewshot_seed is None else cfg.fewshot_seed)
     S.recipe = C.resolve(cfg, len(S.indices), train_src.image_hw(), len(train_src.classes), world.size)
@@ -225,6 +233,8 @@ def setup(cfg, world, model=None):
     S.workers = cfg.workers if cfg.workers is not None else (
         0 if train_src.in_memory else min(8, max(1, (os.cpu_count() or 1) // local_world)))
     S.pin = world.device.type == "cuda"
+    # Shards: the stream depends on the world size and the worker count (shards.ShardSampler); resume checks them.
+    S.stream = dict(world=world.size, lanes=max(1, S.workers)) if sharded else None
     S.model = (model if model is not None else build_model(cfg, S.recipe.num_classes, S.recipe.head_bias)
                ).to(world.device)
     if cfg.channels_last:
@@ -304,7 +314,12 @@ def _run(S, stop):
         S.fewshot = FewShot(cfg.fewshot_data, C.parse_shots(cfg.fewshot_shots), r.crop, cfg.seed)
     fs_due = lambda s: (cfg.fewshot_data and cfg.mode == "upstream" and s < total and cfg.fewshot_every  # noqa: E731
                         and s % cfg.fewshot_every == 0)
-    sampler = D.StreamSampler(S.indices, r.batch, world.rank, world.size, cfg.seed, start, end_this_run)
+    if S.stream:
+        from bitfast.train.shards import ShardSampler
+        sampler = ShardSampler(S.train_src, r.batch, world.rank, world.size, S.stream["lanes"], cfg.seed, start,
+                               end_this_run)
+    else:
+        sampler = D.StreamSampler(S.indices, r.batch, world.rank, world.size, cfg.seed, start, end_this_run)
     S.progress = progress = report.Progress(metrics, total, start, cfg.log_every, cfg.mode, bar=cfg.progress)
     progress.restore(S.window)
     S.t_start, other, step = time.time(), 0.0, start  # other: time spent in eval and checkpoints
