@@ -19,9 +19,10 @@ os.environ.pop("TRITON_INTERPRET", None)  # must be unset before triton decorate
 import torch  # noqa: E402
 
 
-def attach(arch):
+def attach(arch, on_compile=None):
     """Point Triton at a fake CUDA device of compute capability `arch` and make launches compile-only.
-    -> list that collects (kernel name, cubin bytes) per compile."""
+    -> list that collects (kernel name, cubin bytes) per compile. on_compile(name, grid, compiled kernel), if given,
+    sees every launch (bench/budget.py reads registers and shared memory from it)."""
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
@@ -47,6 +48,8 @@ def attach(arch):
         bound = dict(zip(self.arg_names, args), **kwargs)
         compiled.append((self.fn.__name__, len(kernel.asm["cubin"])))
         findings.extend(inspect(self.fn.__name__, bound, kernel.asm["ptx"]))
+        if on_compile is not None:
+            on_compile(self.fn.__name__, grid, kernel)
         return kernel
 
     JITFunction.run = compile_only

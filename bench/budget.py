@@ -1,0 +1,441 @@
+"""Kernel budget for sm_90, computed on a CPU: every number here is PREDICTED (ptxas + a traffic model), not measured.
+
+    python -m bench.budget [OUT_PREFIX]     # -> bench/results/budget-sm90.{json,md} and the tables on stdout
+
+Per kernel (CUDA: nvcc -Xptxas -v, flags as setup.py; Triton: compile-only launches through
+tests/triton_compile_check.py's stand-in driver, ptxas -v re-run on each kernel's PTX with Triton's own flags):
+registers, spill bytes, static + dynamic shared memory, and blocks per SM from them. Per GN layer shape of
+BiT-R50x1 at 224 px (derived from bitfast.models), batch 64/128/256, bf16, NCHW and NHWC, per path
+(backend x layout x direction): launches per op call, waves of the widest launch on 132 SMs, and the DRAM bytes the
+design moves against the minimum (forward 2T: read x, write y; backward 3T: read x, dy, write dx).
+
+Traffic model (one formula, `reread`): a kernel pair that reads a set of X bytes and later re-reads it (NHWC:
+moments/bwd_sums then normalize/bwd_dx over one sample chunk; NCHW: one block's two passes over its group, where the
+set is the group of every block resident at once) gets the re-read from L2 while its reuse distance fits in
+L2_REUSE_BYTES. Under LRU the reuse distance of the element re-read at fraction b of the second pass is X + b*W, W
+the bytes the second pass writes over the set (y: X, dx: X/2 when X counts x and dy); the fraction of the re-read
+that misses is clamp((X + W - L2) / W, 0, 1) (all of it when X > L2). Workspace writes (partials, sdz/sdzxm,
+mean/rstd) count as DRAM writes (dirty lines are written back); their reads come from L2. CUDA NHWC chunks mirror
+chunk_samples() in csrc/group_norm.cu (CUDA_CONSTANTS, checked against the source by tests/test_budget.py); Triton
+has no chunks: its set is the whole tensor. Not modelled: occupancy beyond the threshold, DRAM page effects, the
+WS kernels' bytes (weights are ~50 MB per step in all).
+
+Predicted fraction of copy bandwidth (`copy_frac`): minimum bytes / copy bandwidth divided by the predicted time
+sum over launches of bytes / copy bandwidth * ceil(waves) / waves (an SM-quantized last wave) + LAUNCH_GAP_S per
+launch (dependent kernels in one stream drain and refill the GPU).
+"""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The thresholds (one table; a measured GPU run may revise them) and the misses of today's kernels.
+THRESHOLDS = {"spill_bytes": 0, "min_threads_per_sm": 512, "max_bytes_ratio": 1.15}  # 512 = 2 blocks of 256
+# (kernel or path, metric) -> the predicted value today. The test fails if a value gets worse, if a miss appears
+# that is not listed, or if a listed one now meets its threshold (delete it then).
+KNOWN_MISSES = {  # predicted on 2026-12-02 from the kernels of 724b061 (issue 13, deliverable 2 is to remove them)
+    ("cuda:nhwc_bwd_sums<__nv_bfloat16, 8, true>", "min_threads_per_sm"): 256,  # 183 registers: 1 block per SM
+    ("triton:_nchw_fwd", "min_threads_per_sm"): 256,  # 230 registers at 2048x7^2 (BLOCK 4096): 2 programs of 128
+    ("triton:_nchw_bwd", "min_threads_per_sm"): 256,  # 255 registers
+    ("triton:_nchw_bwd", "spill_bytes"): 1032,  # at 2048x7^2
+    ("cuda nchw fwd", "max_bytes_ratio"): 1.245,  # resident groups (4 blocks/SM x 50 KB at 256x56^2) exceed L2
+    ("cuda nchw bwd", "max_bytes_ratio"): 1.667,  # x and dy re-read from DRAM where groups are large
+    ("cuda nhwc fwd", "max_bytes_ratio"): 1.24,  # 24 MB chunk of x + its y (48 MB) stream through L2
+    ("triton nchw fwd", "max_bytes_ratio"): 1.5,
+    ("triton nchw bwd", "max_bytes_ratio"): 1.667,
+    ("triton nhwc fwd", "max_bytes_ratio"): 1.582,  # no chunks: x read twice from DRAM
+    ("triton nhwc bwd", "max_bytes_ratio"): 1.749,  # x and dy read twice, plus (N, NB, C) partials
+}
+
+SM90 = {"sms": 132, "regs": 65536, "smem": 228 * 1024, "smem_per_block_reserved": 1024, "threads": 2048,
+        "blocks": 32, "warps": 64}
+MODEL = {"l2_reuse_bytes": 40e6,  # of H100's 50 MB L2: what a streaming re-read can count on (an assumption)
+         "copy_bytes_per_s": 3.0e12,  # H100 SXM device copy, read + write (~90% of 3.35 TB/s HBM; assumption)
+         "launch_gap_s": 2e-6}
+BATCHES, DTYPE_BYTES, GROUPS = (64, 128, 256), 2, 32  # bf16
+# csrc/group_norm.cu host constants mirrored here (the test reads them from the source).
+CUDA_CONSTANTS = {"kThreads": 256, "kRowsPerThread": 8, "BITFAST_GN_L2_BYTES": 24 << 20}
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-arch=sm_90", "-DBITFAST_WITH_CUDA=1", "-Icsrc"]
+
+
+# ------------------------------------------------------------------------------------------------ ptxas
+def parse_ptxas(log):
+    """ptxas -v output -> {mangled name: {regs, spill_st, spill_ld, smem}}."""
+    out, name = {}, None
+    for line in log.splitlines():
+        if m := re.search(r"Compiling entry function '(\S+)'", line):
+            name = m.group(1)
+            out[name] = {"regs": 0, "spill_st": 0, "spill_ld": 0, "smem": 0}
+        elif name and (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)):
+            out[name].update(spill_st=int(m.group(1)), spill_ld=int(m.group(2)))
+        elif name and (m := re.search(r"Used (\d+) registers", line)):
+            out[name]["regs"] = int(m.group(1))
+            s = re.search(r"(\d+) bytes smem", line)
+            out[name]["smem"] = int(s.group(1)) if s else 0
+    return out
+
+
+def short_name(mangled):
+    """Demangled, without namespace and parameters: nhwc_bwd_sums<__nv_bfloat16, 8, true>."""
+    full = subprocess.run(["c++filt", mangled], capture_output=True, text=True).stdout.strip()
+    full = re.sub(r"^void ", "", full).replace("bitfast::(anonymous namespace)::", "")
+    depth = 0
+    for i, ch in enumerate(full):  # cut at the parameter list: the first '(' outside template brackets
+        depth += (ch == "<") - (ch == ">")
+        if ch == "(" and depth == 0:
+            return full[:i]
+    return full
+
+
+def nvcc_kernels(src, extra=(), cwd=ROOT):
+    """Compile one .cu for sm_90 as setup.py does -> {short name: budget}."""
+    nvcc = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+    with tempfile.TemporaryDirectory() as tmp:
+        r = subprocess.run([nvcc, *NVCC_FLAGS, *extra, "-Xptxas", "-v", "-c", str(src), "-o", f"{tmp}/k.o"],
+                           cwd=cwd, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"nvcc failed on {src}:\n{r.stderr[-3000:]}")
+    return {short_name(k): dict(v, threads=256) for k, v in parse_ptxas(r.stderr).items()}
+
+
+def blocks_per_sm(regs, smem, threads):
+    """Resident blocks on one sm_90 SM: registers are allocated per warp in units of 256 (8 per thread), from four
+    16K-register partitions; each block also reserves 1 KB of shared memory."""
+    warps = -(-threads // 32)
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = 4 * (SM90["regs"] // 4 // per_warp) // warps
+    by_smem = SM90["smem"] // (-(-(smem + SM90["smem_per_block_reserved"]) // 128) * 128)
+    return min(by_regs, by_smem, SM90["threads"] // threads, SM90["blocks"], SM90["warps"] // warps)
+
+
+# ------------------------------------------------------------------------------------------------ Triton
+def triton_kernels(shapes, weight_shapes):
+    """Compile-only launches of the Triton GN/WS launchers on CPU tensors of the model's shapes.
+    -> ({kernel key: budget}, {(layout, C, H, N, direction): [(kernel key, grid), ...]})."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("tcc", ROOT / "tests" / "triton_compile_check.py")
+    tcc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tcc)
+    kernels, launches, current = {}, {}, []
+
+    def on_compile(name, grid, k):
+        key = f"{name}[w{k.metadata.num_warps}:{abs(hash(k.asm['ptx'])) % 10 ** 6:06d}]"
+        if key not in kernels:
+            kernels[key] = {"name": name, "ptx": k.asm["ptx"], "threads": 32 * k.metadata.num_warps,
+                            "dyn_smem": int(k.metadata.shared)}
+        current.append((key, int(math.prod(grid))))
+
+    tcc.attach(90, on_compile)
+    from bitfast.kernels import group_norm as gn
+    from bitfast.kernels import weight_standardize as ws
+
+    for C, H in sorted({(c, h) for c, h, _ in shapes}):
+        w, b = torch.zeros(C), torch.zeros(C)
+        for N in BATCHES:
+            for layout in ("nchw", "nhwc"):
+                x = torch.empty(N, C, H, H, dtype=torch.bfloat16)
+                x = x.contiguous(memory_format=torch.channels_last) if layout == "nhwc" else x
+                current.clear()
+                _, mean, rstd = gn.group_norm_fwd(x, w, b, GROUPS, 1e-5, True)
+                launches[(layout, C, H, N, "fwd")] = list(current)
+                current.clear()
+                gn.group_norm_bwd(x, x, w, b, mean, rstd, GROUPS, True)
+                launches[(layout, C, H, N, "bwd")] = list(current)
+    weights = [torch.empty(s) for s in weight_shapes]  # fp32 weights, bf16 out: autocast training
+    current.clear()
+    ys, mean, rstd = ws.weight_standardize_many_fwd(weights, 1e-10, torch.bfloat16)
+    ws.weight_standardize_many_bwd(ys, weights, mean, rstd)
+    launches["ws_many"] = list(current)
+    with ThreadPoolExecutor(2) as pool:
+        for k, v in zip(kernels, pool.map(_ptxas_triton, [v.pop("ptx") for v in kernels.values()])):
+            kernels[k].update(v)
+    return kernels, launches
+
+
+def _ptxas_triton(ptx):
+    """Registers/spills of one Triton PTX, with the flags Triton's make_cubin passes to its own ptxas."""
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "k.ptx").write_text(ptx)
+        cmd = [knobs.nvidia.ptxas.path, "-lineinfo", "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a",  # as Triton
+               f"{tmp}/k.ptx", "-o", f"{tmp}/k.o"]
+        r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    (v,) = parse_ptxas(r.stderr).values()
+    return v
+
+
+# ------------------------------------------------------------------------------------------------ shapes
+def _meta_model():
+    import torch
+
+    import bitfast
+    from bitfast.models import resnetv2
+
+    with torch.device("meta"), bitfast.use_backend("torch"):
+        return resnetv2.create("BiT-M-R50x1")
+
+
+def model_shapes():
+    """([(C, H, count)] of the GroupNorm inputs of BiT-R50x1 at 224 px (hooks on a meta-device forward),
+    [its StdConv2d weight shapes])."""
+    import torch
+
+    model, seen = _meta_model(), Counter()
+    for m in model.modules():
+        if isinstance(m, torch.nn.GroupNorm):
+            m.register_forward_pre_hook(lambda mod, a: seen.update([(a[0].shape[1], a[0].shape[2])]))
+    import bitfast
+
+    with torch.no_grad(), bitfast.use_backend("torch"):
+        model(torch.empty(1, 3, 224, 224, device="meta"))
+    return sorted((c, h, n) for (c, h), n in seen.items()), [tuple(m.weight.shape) for m in model.std_convs()]
+
+
+# ------------------------------------------------------------------------------------------------ launches
+def cuda_tiles(S, C, V=8):
+    """Tiles in csrc/group_norm.cu -> (B row blocks per sample, CB channel tiles)."""
+    CV = C // V
+    CT = min(CV, 32)
+    R = CUDA_CONSTANTS["kRowsPerThread"] * (CUDA_CONSTANTS["kThreads"] // CT)
+    return -(-S // R), -(-CV // CT)
+
+
+def chunk_samples(N, S, C, nbytes):
+    """csrc/group_norm.cu chunk_samples: samples whose nbytes-per-element tensors fit the 24 MB L2 budget."""
+    return max(1, min(N, CUDA_CONSTANTS["BITFAST_GN_L2_BYTES"] // (S * C * nbytes)))
+
+
+def reread(X, W, l2=None):
+    """Fraction of a re-read of X bytes that misses L2 when the second pass writes W bytes (module docstring)."""
+    l2 = MODEL["l2_reuse_bytes"] if l2 is None else l2
+    return 1.0 if X > l2 else min(1.0, max(0.0, (X + W - l2) / W))
+
+
+def cuda_launches(layout, C, H, N, direction, blocks):
+    """CUDA launches of one op call -> [(kernel, grid, DRAM bytes)]; blocks: kernel -> blocks per SM."""
+    S, D, E, G = H * H, C // GROUPS, DTYPE_BYTES, GROUPS
+    V = 8 if layout == "nhwc" or S % 8 == 0 else 1  # with_vec: 16-byte packs when C (NHWC) or S (NCHW) % 8 == 0
+    T = "__nv_bfloat16"
+    if layout == "nchw":
+        k = f"nchw_{direction}<{T}, {V}, true>"
+        sets = 1 if direction == "fwd" else 2  # x, or x and dy
+        X = min(N * G, blocks[k] * SM90["sms"]) * sets * D * S * E  # the groups of all resident blocks
+        W = X / sets
+        main = (k, N * G, N * C * S * E * (sets + sets * reread(X, W) + 1) + 8 * N * G)
+        return [main] if direction == "fwd" else [main, ("param_grads", -(-C // 256), 8 * C)]
+    B, CB = cuda_tiles(S, C)
+    out, nb = [], (1 if direction == "fwd" else 2)
+    ns_max = chunk_samples(N, S, C, nb * E)
+    for n0 in range(0, N, ns_max):
+        ns = min(ns_max, N - n0)
+        X, part = ns * S * C * E * nb, 8 * ns * B * C
+        if direction == "fwd":
+            out += [(f"nhwc_moments<{T}, 8>", ns * B * CB, X + part),
+                    (f"nhwc_group_stats<{T}>", -(-ns * G // 8), 8 * ns * G),
+                    (f"nhwc_normalize<{T}, 8, true>", ns * B * CB, X * (1 + reread(X, X)))]
+        else:
+            out += [(f"nhwc_bwd_sums<{T}, 8, true>", ns * B * CB, X + part),
+                    ("nhwc_bwd_group", -(-ns * G // 8), 8 * ns * (C + G)),
+                    (f"nhwc_bwd_dx<{T}, 8, true>", ns * B * CB, X * (reread(X, X / 2) + 0.5))]
+    return out + ([("param_grads", -(-C // 256), 8 * C)] if direction == "bwd" else [])
+
+
+def triton_bytes(layout, C, H, N, direction, calls, kernels):
+    """[(kernel, grid, DRAM bytes)] of the Triton launches of one op call: the same model, with no chunks."""
+    S, D, E, nb = H * H, C // GROUPS, DTYPE_BYTES, (1 if direction == "fwd" else 2)
+    X, T = N * C * S * E * nb, N * C * S * E
+    NB = -(-S // (4096 // min(1 << (C - 1).bit_length(), 128)))  # _nhwc_blocks: BLOCK_R rows per tile
+    out = []
+    for key, grid in calls:
+        name = kernels[key]["name"]
+        if name in ("_nchw_fwd", "_nchw_bwd"):
+            res = min(grid, kernels[key]["blocks_per_sm"] * SM90["sms"]) * nb * D * S * E
+            b = X * (1 + reread(res, res / nb)) + T + 8 * N * (GROUPS if direction == "fwd" else C)
+        elif name in ("_nhwc_moments", "_nhwc_bwd_sums"):
+            b = X + 8 * N * NB * C
+        elif name == "_nhwc_normalize":
+            b = X * (1 + reread(X, X))
+        elif name == "_nhwc_bwd_dx":
+            b = X * (reread(X, X / 2) + 0.5)
+        else:  # _nhwc_group_stats, _nhwc_bwd_group, _param_grads: workspace writes only
+            b = {"_nhwc_group_stats": 8 * N * GROUPS, "_nhwc_bwd_group": 8 * N * (C + GROUPS)}.get(name, 8 * C)
+        out.append((name, grid, b))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ report
+def path_row(backend, layout, direction, C, H, N, count, launches, blocks):
+    """One path's budget; launches [(kernel, grid, bytes)], blocks: kernel -> blocks per SM."""
+    T = N * C * H * H * DTYPE_BYTES
+    need = (2 if direction == "fwd" else 3) * T
+    bw, t, waves = MODEL["copy_bytes_per_s"], 0.0, []
+    for k, grid, b in launches:
+        w = grid / (blocks[k] * SM90["sms"])
+        t += b / bw * math.ceil(w) / w + MODEL["launch_gap_s"]
+        if "group" not in k and "param" not in k:  # waves of the element-wise tile kernels only
+            waves.append(round(w, 2))
+    total = sum(b for _, _, b in launches)
+    return {"backend": backend, "layout": layout, "direction": direction, "C": C, "H": H, "N": N, "layers": count,
+            "launches": len(launches), "waves_max": max(waves), "waves_min": min(waves),
+            "designed_bytes": int(total), "min_bytes": need, "bytes_ratio": round(total / need, 3),
+            "copy_frac": round(need / bw / t, 3)}
+
+
+def build():
+    shapes, weight_shapes = model_shapes()
+    src = [ROOT / "csrc" / "group_norm.cu", ROOT / "csrc" / "weight_standardize.cu"]
+    with ThreadPoolExecutor(3) as pool:  # the two nvcc runs overlap the Triton compiles
+        cu = [pool.submit(nvcc_kernels, s) for s in src]
+        tk, tl = triton_kernels(shapes, weight_shapes)
+        cuda = {**cu[0].result(), **cu[1].result()}
+    for k in list(cuda.values()) + list(tk.values()):
+        k["smem"] = k.get("smem", 0) + k.get("dyn_smem", 0)
+        k["blocks_per_sm"] = blocks_per_sm(k["regs"], k["smem"], k["threads"])
+    cblocks = {n: k["blocks_per_sm"] for n, k in cuda.items()}
+    paths, hot = [], {"many_fwd_kernel<float, __nv_bfloat16>", "many_bwd_kernel<float, __nv_bfloat16>"}
+    for C, H, count in shapes:
+        for N in BATCHES:
+            for layout in ("nchw", "nhwc"):
+                for d in ("fwd", "bwd"):
+                    ls = cuda_launches(layout, C, H, N, d, cblocks)
+                    hot |= {k for k, _, _ in ls}
+                    paths.append(path_row("cuda", layout, d, C, H, N, count, ls, cblocks))
+                    ls = triton_bytes(layout, C, H, N, d, tl[(layout, C, H, N, d)], tk)
+                    tb = {tk[key]["name"]: tk[key]["blocks_per_sm"] for key, _ in tl[(layout, C, H, N, d)]}
+                    paths.append(path_row("triton", layout, d, C, H, N, count, ls, tb))
+    kernels = [dict(backend="cuda", name=n, hot=n in hot, **k) for n, k in sorted(cuda.items())]
+    kernels += [dict(backend="triton", name=k.pop("name"), variant=key, hot=True, **k) for key, k in tk.items()]
+    return {"predicted": True, "what": "sm_90 budget from ptxas and a traffic model (bench/budget.py); not measured",
+            "device": SM90, "model": MODEL, "thresholds": THRESHOLDS, "shapes": shapes, "kernels": kernels,
+            "paths": paths}
+
+
+def misses(report):
+    """{(kernel or path, metric): predicted value} where a hot kernel or a path misses THRESHOLDS (worst case)."""
+    out = {}
+
+    def worst(key, value, higher_is_worse):
+        old = out.get(key)
+        out[key] = value if old is None else (max if higher_is_worse else min)(old, value)
+
+    for k in report["kernels"]:
+        if not k["hot"]:
+            continue
+        name = f"{k['backend']}:{k['name']}"
+        if k["spill_st"] + k["spill_ld"] > THRESHOLDS["spill_bytes"]:
+            worst((name, "spill_bytes"), k["spill_st"] + k["spill_ld"], True)
+        if k["blocks_per_sm"] * k["threads"] < THRESHOLDS["min_threads_per_sm"]:
+            worst((name, "min_threads_per_sm"), k["blocks_per_sm"] * k["threads"], False)
+    for p in report["paths"]:
+        if p["bytes_ratio"] > THRESHOLDS["max_bytes_ratio"]:
+            worst((f"{p['backend']} {p['layout']} {p['direction']}", "max_bytes_ratio"), p["bytes_ratio"], True)
+    return out
+
+
+def failures(found, known=None):
+    """What the test objects to: a miss not in KNOWN_MISSES, one worse than listed, or a listed one now fixed."""
+    known, bad = KNOWN_MISSES if known is None else known, []
+    for key, v in sorted(found.items()):
+        if key not in known:
+            bad.append(f"new miss {key}: {v} (threshold {THRESHOLDS[key[1]]})")
+        elif (v < known[key]) if key[1] == "min_threads_per_sm" else (v > known[key] + 1e-9):
+            bad.append(f"worse {key}: {v}, known miss {known[key]}")
+    bad += [f"known miss {key} now meets its threshold: delete it from KNOWN_MISSES" for key in known
+            if key not in found]
+    return bad
+
+
+# ------------------------------------------------------------------------------------------------ output
+def _rng(vals, fmt="{}"):
+    lo, hi = min(vals), max(vals)
+    return fmt.format(lo) if lo == hi else f"{fmt.format(lo)}–{fmt.format(hi)}"
+
+
+def summary(report):
+    """Per path (backend, layout, direction): the README table rows."""
+    rows, hot = [], [k for k in report["kernels"] if k["hot"]]
+    for backend in ("cuda", "triton"):
+        for layout in ("nchw", "nhwc"):
+            for d in ("fwd", "bwd"):
+                ps = [p for p in report["paths"] if (p["backend"], p["layout"], p["direction"]) == (backend, layout, d)]
+                names = _path_kernels(backend, layout, d)
+                ks = [k for k in hot if k["backend"] == backend and any(k["name"].startswith(n) for n in names)]
+                rows.append([backend, layout, d, _rng([k["regs"] for k in ks]),
+                             _rng([k["spill_st"] + k["spill_ld"] for k in ks]),
+                             _rng([k["blocks_per_sm"] for k in ks]), _rng([p["launches"] for p in ps]),
+                             _rng([p["waves_max"] for p in ps], "{:g}"), _rng([p["waves_min"] for p in ps], "{:g}"), _rng([p["bytes_ratio"] for p in ps], "{:.2f}"),
+                             _rng([p["copy_frac"] for p in ps], "{:.2f}")])
+    return rows
+
+
+def _path_kernels(backend, layout, d):
+    """Kernel name prefixes of a path (the ones its launches use)."""
+    table = {("cuda", "nchw", "fwd"): ["nchw_fwd<__nv_bfloat16"], ("cuda", "nchw", "bwd"): ["nchw_bwd<__nv_bfloat16", "param_grads"],
+             ("cuda", "nhwc", "fwd"): ["nhwc_moments<__nv_bfloat16", "nhwc_group_stats<__nv_bfloat16", "nhwc_normalize<__nv_bfloat16"],
+             ("cuda", "nhwc", "bwd"): ["nhwc_bwd_sums<__nv_bfloat16", "nhwc_bwd_group", "nhwc_bwd_dx<__nv_bfloat16", "param_grads"],
+             ("triton", "nchw", "fwd"): ["_nchw_fwd"], ("triton", "nchw", "bwd"): ["_nchw_bwd", "_param_grads"],
+             ("triton", "nhwc", "fwd"): ["_nhwc_moments", "_nhwc_group_stats", "_nhwc_normalize"],
+             ("triton", "nhwc", "bwd"): ["_nhwc_bwd_sums", "_nhwc_bwd_group", "_nhwc_bwd_dx", "_param_grads"]}
+    return table[(backend, layout, d)]
+
+
+def _table(head, rows):
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
+                     ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def markdown(report):
+    by_name = {}
+    for k in report["kernels"]:
+        if k["hot"]:  # Triton: several specializations per kernel, summarized
+            by_name.setdefault((k["backend"], k["name"]), []).append(k)
+    k_rows = [[b, f"`{n}`", len(ks), _rng([k["regs"] for k in ks]), _rng([k["spill_st"] + k["spill_ld"] for k in ks]),
+               _rng([k["smem"] for k in ks]), ks[0]["threads"], _rng([k["blocks_per_sm"] for k in ks])]
+              for (b, n), ks in by_name.items()]
+    p_rows = [[p["backend"], p["layout"], p["direction"], f"{p['C']}×{p['H']}²", p["N"], p["launches"],
+               f"{p['waves_max']:g} / {p['waves_min']:g}", f"{p['bytes_ratio']:.2f}", f"{p['copy_frac']:.2f}"]
+              for p in report["paths"]]
+    miss = [[f"`{m['what']}`", m["metric"], m["value"], THRESHOLDS[m["metric"]], "known" if m["known"] else "NEW"]
+            for m in report["misses"]]
+    return "\n\n".join([
+        "# Kernel budget, sm_90 (PREDICTED from ptxas and a traffic model; nothing here is measured)",
+        f"Model: {report['model']}; thresholds: {report['thresholds']}. See bench/budget.py for the traffic model.",
+        "## Per path (BiT-R50x1 GN layers at 224 px, bf16, batch 64/128/256)",
+        _table(["backend", "layout", "dir", "regs", "spill B", "blocks/SM", "launches", "waves, widest", "waves, narrowest",
+                "bytes ÷ min", "copy frac"], summary(report)),
+        "## Misses of the thresholds", _table(["kernel / path", "metric", "predicted", "threshold", ""], miss),
+        "## Hot kernels", _table(["backend", "kernel", "variants", "regs", "spill B", "smem B", "threads", "blocks/SM"], k_rows),
+        "## Per shape (waves: widest / narrowest launch on 132 SMs)",
+        _table(["backend", "layout", "dir", "C×H²", "N", "launches", "waves", "bytes ÷ min", "copy frac"], p_rows)])
+
+
+def main(prefix=None):
+    prefix = Path(prefix or ROOT / "bench" / "results" / "budget-sm90")
+    report = build()
+    found = misses(report)
+    report["misses"] = [{"what": w, "metric": m, "value": v, "known": (w, m) in KNOWN_MISSES}
+                        for (w, m), v in sorted(found.items())]
+    report["failures"] = failures(found)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{prefix}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    md = markdown(report)
+    Path(f"{prefix}.md").write_text(md + "\n")
+    print(md)
+    print("\n".join(["", f"wrote {prefix}.json, {prefix}.md"] + [f"FAIL: {f}" for f in report["failures"]]))
+    return 1 if report["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))
