@@ -1,6 +1,7 @@
 """Kernel budget for sm_90, computed on a CPU: every number here is PREDICTED (ptxas + a traffic model), not measured.
 
     python -m bench.budget [OUT_PREFIX]     # -> bench/results/budget-sm90.{json,md} and the tables on stdout
+    python -m bench.budget --measure PREFIX # GPU: time each path of PREFIX.json -> PREFIX-measured.{json,md}
 
 Per kernel (CUDA: nvcc -Xptxas -v, flags as setup.py; Triton: compile-only launches through
 tests/triton_compile_check.py's stand-in driver, ptxas -v re-run on each kernel's PTX with Triton's own flags):
@@ -22,8 +23,11 @@ WS kernels' bytes (weights are ~50 MB per step in all).
 
 Predicted fraction of copy bandwidth (`copy_frac`): minimum bytes / copy bandwidth divided by the predicted time
 sum over launches of bytes / copy bandwidth * ceil(waves) / waves (an SM-quantized last wave) + LAUNCH_GAP_S per
-launch (dependent kernels in one stream drain and refill the GPU).
+launch (dependent kernels in one stream drain and refill the GPU) + N * PARAM_GRADS_S_PER_N for param_grads's
+serial loop over n. Not priced, so copy_frac is an upper bound: one resident block per SM (no overlap of one
+block's reduction with another's loads), the scalar 2-byte loads of NCHW when S % 8 != 0, idle warps when D < 8.
 """
+import hashlib
 import json
 import math
 import os
@@ -59,7 +63,8 @@ SM90 = {"sms": 132, "regs": 65536, "smem": 228 * 1024, "smem_per_block_reserved"
         "blocks": 32, "warps": 64}
 MODEL = {"l2_reuse_bytes": 40e6,  # of H100's 50 MB L2: what a streaming re-read can count on (an assumption)
          "copy_bytes_per_s": 3.0e12,  # H100 SXM device copy, read + write (~90% of 3.35 TB/s HBM; assumption)
-         "launch_gap_s": 2e-6}
+         "launch_gap_s": 2e-6,
+         "param_grads_s_per_n": 50e-9}  # its serial loop over n: dependent L2 loads (issue 13's review: 10-20 us at 256)
 BATCHES, DTYPE_BYTES, GROUPS = (64, 128, 256), 2, 32  # bf16
 # csrc/group_norm.cu host constants mirrored here (the test reads them from the source).
 CUDA_CONSTANTS = {"kThreads": 256, "kRowsPerThread": 8, "BITFAST_GN_L2_BYTES": 24 << 20}
@@ -130,7 +135,7 @@ def triton_kernels(shapes, weight_shapes):
     kernels, launches, current = {}, {}, []
 
     def on_compile(name, grid, k):
-        key = f"{name}[w{k.metadata.num_warps}:{abs(hash(k.asm['ptx'])) % 10 ** 6:06d}]"
+        key = f"{name}[w{k.metadata.num_warps}:{hashlib.sha1(k.asm['ptx'].encode()).hexdigest()[:8]}]"
         if key not in kernels:
             kernels[key] = {"name": name, "ptx": k.asm["ptx"], "threads": 32 * k.metadata.num_warps,
                             "dyn_smem": int(k.metadata.shared)}
@@ -283,14 +288,14 @@ def path_row(backend, layout, direction, C, H, N, count, launches, blocks):
     bw, t, waves = MODEL["copy_bytes_per_s"], 0.0, []
     for k, grid, b in launches:
         w = grid / (blocks[k] * SM90["sms"])
-        t += b / bw * math.ceil(w) / w + MODEL["launch_gap_s"]
+        t += b / bw * math.ceil(w) / w + MODEL["launch_gap_s"] + (N * MODEL["param_grads_s_per_n"] if "param" in k else 0)
         if "group" not in k and "param" not in k:  # waves of the element-wise tile kernels only
             waves.append(round(w, 2))
     total = sum(b for _, _, b in launches)
     return {"backend": backend, "layout": layout, "direction": direction, "C": C, "H": H, "N": N, "layers": count,
             "launches": len(launches), "waves_max": max(waves), "waves_min": min(waves),
             "designed_bytes": int(total), "min_bytes": need, "bytes_ratio": round(total / need, 3),
-            "copy_frac": round(need / bw / t, 3)}
+            "copy_frac": round(need / bw / t, 3), "pred_time_s": t}
 
 
 def build():
@@ -376,8 +381,23 @@ def summary(report):
                              _rng([k["spill_st"] + k["spill_ld"] for k in ks]),
                              _rng([k["blocks_per_sm"] for k in ks]), _rng([p["launches"] for p in ps]),
                              _rng([p["waves_max"] for p in ps], "{:g}"), _rng([p["waves_min"] for p in ps], "{:g}"), _rng([p["bytes_ratio"] for p in ps], "{:.2f}"),
-                             _rng([p["copy_frac"] for p in ps], "{:.2f}")])
+                             _rng([p["copy_frac"] for p in ps], "{:.2f}"), _model_total(ps, "bytes"),
+                             _model_total(ps, "time")])
     return rows
+
+
+def _model_total(ps, what):
+    """Over all GN layers of R50x1 (each shape times its layer count), per batch: designed bytes / minimum, or the
+    fraction of copy bandwidth (minimum bytes / copy bandwidth over the predicted time)."""
+    out = []
+    for N in BATCHES:
+        q = [p for p in ps if p["N"] == N]
+        need = sum(p["layers"] * p["min_bytes"] for p in q)
+        if what == "bytes":
+            out.append(sum(p["layers"] * p["designed_bytes"] for p in q) / need)
+        else:
+            out.append(need / MODEL["copy_bytes_per_s"] / sum(p["layers"] * p["pred_time_s"] for p in q))
+    return " / ".join(f"{v:.2f}" for v in out)
 
 
 def _path_kernels(backend, layout, d):
@@ -414,11 +434,46 @@ def markdown(report):
         f"Model: {report['model']}; thresholds: {report['thresholds']}. See bench/budget.py for the traffic model.",
         "## Per path (BiT-R50x1 GN layers at 224 px, bf16, batch 64/128/256)",
         _table(["backend", "layout", "dir", "regs", "spill B", "blocks/SM", "launches", "waves, widest", "waves, narrowest",
-                "bytes ÷ min", "copy frac"], summary(report)),
+                "bytes ÷ min", "copy frac", "R50x1 bytes ÷ min (N=64/128/256)", "R50x1 copy frac"], summary(report)),
         "## Misses of the thresholds", _table(["kernel / path", "metric", "predicted", "threshold", ""], miss),
         "## Hot kernels", _table(["backend", "kernel", "variants", "regs", "spill B", "smem B", "threads", "blocks/SM"], k_rows),
         "## Per shape (waves: widest / narrowest launch on 132 SMs)",
         _table(["backend", "layout", "dir", "C×H²", "N", "launches", "waves", "bytes ÷ min", "copy frac"], p_rows)])
+
+
+def measure(prefix, device="cuda"):
+    """On a GPU: time every path of the report at PREFIX.json (CUDA events, bench/_timing.kernel_ms) and write
+    PREFIX-measured.{json,md}: measured ms and GB/s (minimum bytes / time) beside the predicted ms and bytes."""
+    import torch
+
+    import importlib
+
+    from bench import _timing as T
+
+    gn = importlib.import_module("bitfast.ops.group_norm")  # the module: bitfast.ops.group_norm is also the function
+
+    report, copy, rows = json.loads(Path(f"{prefix}.json").read_text()), T.copy_gbps(device), []
+    for p in report["paths"]:
+        x = torch.randn(p["N"], p["C"], p["H"], p["H"], device=device, dtype=torch.bfloat16)
+        x = x.contiguous(memory_format=torch.channels_last) if p["layout"] == "nhwc" else x
+        w, b = torch.randn(p["C"], device=device), torch.randn(p["C"], device=device)
+        fwd, bwd = gn._FWD[p["backend"]](), gn._BWD[p["backend"]]()
+        y, mean, rstd = fwd(x, w, b, GROUPS, 1e-5, True)
+        ms = T.kernel_ms((lambda: fwd(x, w, b, GROUPS, 1e-5, True)) if p["direction"] == "fwd" else
+                         (lambda: bwd(y, x, w, b, mean, rstd, GROUPS, True)), device).median_ms
+        rows.append(dict(p, measured_ms=ms, predicted_ms=p["pred_time_s"] * 1e3, copy_gbps=copy,
+                         gbps=T.gbps(p["min_bytes"], ms), measured_copy_frac=T.gbps(p["min_bytes"], ms) / copy))
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    meta = {"device": name, "torch": torch.__version__, "measured": True}
+    Path(f"{prefix}-measured.json").write_text(json.dumps({**meta, "paths": rows}, indent=1) + "\n")
+    md = _table(["backend", "layout", "dir", "C×H²", "N", "launches", "bytes ÷ min (pred.)", "ms pred.", "ms meas.",
+                 "GB/s (min bytes)", "copy frac pred.", "copy frac meas."],
+                [[r["backend"], r["layout"], r["direction"], f"{r['C']}×{r['H']}²", r["N"], r["launches"],
+                  r["bytes_ratio"], f"{r['predicted_ms']:.4f}", f"{r['measured_ms']:.4f}", f"{r['gbps']:.0f}",
+                  r["copy_frac"], f"{r['measured_copy_frac']:.2f}"] for r in rows])
+    Path(f"{prefix}-measured.md").write_text(f"# Budget vs measurement on {meta['device']}\n\n{md}\n")
+    print(md)
+    return 0
 
 
 def main(prefix=None):
@@ -438,4 +493,6 @@ def main(prefix=None):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--measure"]:  # bench/gpu_check.sh's budget stage
+        sys.exit(measure(sys.argv[2] if len(sys.argv) > 2 else ROOT / "bench" / "results" / "budget-sm90"))
     sys.exit(main(*sys.argv[1:]))

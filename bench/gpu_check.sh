@@ -3,7 +3,8 @@
 # benchmarks, and leave everything under OUTDIR (default $OUT, else ./gpu_out).
 #   bash bench/gpu_check.sh OUTDIR [STAGE ...]
 # STAGE: build, test, sanitize (compute-sanitizer memcheck + racecheck on every CUDA kernel), kernels (GN + WS
-# benches), models-eager, models-compile, scaling, report; default: all, in
+# benches), budget (bench/budget.py: measured ms and GB/s beside the predicted bytes), models-eager,
+# models-compile, scaling, report; default: all, in
 # that order. Each stage fits a 10-minute remote call, so they can be run one call at a time (build first; the
 # editable build persists in the working tree). Uses the python on PATH (GPU machines ship torch, triton, ninja,
 # pybind11, pytest-benchmark; no network).
@@ -11,7 +12,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${1:-${OUT:-gpu_out}}
 shift || true
-STAGES=${*:-build test sanitize kernels models-eager models-compile scaling report}
+STAGES=${*:-build test sanitize kernels budget models-eager models-compile scaling report}
 mkdir -p "$OUTDIR"
 PY=${PYTHON:-python}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -36,6 +37,9 @@ for stage in $STAGES; do
               done ;;
     kernels) run "$PY" -m pytest bench/test_group_norm.py bench/test_weight_standardize.py -q \
                --benchmark-json="$OUTDIR/pytest-benchmark-kernels.json" ;;
+    budget) run "$PY" -m bench.budget "$OUTDIR/budget-sm90"  # predicted (compile-only); else the committed one
+            [ -f "$OUTDIR/budget-sm90.json" ] || cp bench/results/budget-sm90.json "$OUTDIR/"
+            run "$PY" -m bench.budget --measure "$OUTDIR/budget-sm90" ;;  # measured ms, GB/s beside designed bytes
     models-eager) run "$PY" -m pytest bench/test_models.py -q -k "eager or max_batch" ;;
     models-compile) run "$PY" -m pytest bench/test_models.py -q -k "compile" ;;
     scaling) run "$PY" -m pytest bench/test_scaling.py -q ;;

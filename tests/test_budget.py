@@ -104,3 +104,14 @@ def test_traffic_model():
     assert budget.reread(30e6, 20e6) == pytest.approx(0.5)  # the last half of the re-read was evicted by writes
     assert budget.blocks_per_sm(183, 16384, 256) == 1 and budget.blocks_per_sm(128, 0, 256) == 2
     assert budget.blocks_per_sm(32, 0, 256) == 8 and budget.blocks_per_sm(32, 0, 128) == 16
+
+
+def test_measure_writes_measured_beside_predicted(tmp_path):
+    """The GPU stage's code path, on the CPU backend at a tiny shape (bench/gpu_check.sh budget runs it on CUDA)."""
+    import json
+
+    p = budget.path_row("cpu", "nhwc", "bwd", 64, 4, 2, 1, [("k", 132, 4096)], {"k": 1})
+    (tmp_path / "b.json").write_text(json.dumps({"paths": [p]}))
+    assert budget.measure(tmp_path / "b", device="cpu") == 0
+    (row,) = json.loads((tmp_path / "b-measured.json").read_text())["paths"]
+    assert row["measured_ms"] > 0 and row["designed_bytes"] == 4096 and row["gbps"] > 0
