@@ -148,3 +148,27 @@ def test_minival_from_held_out_shards_and_clear_errors(packed, tmp_path):
     with pytest.raises(FileNotFoundError, match="do not exist"):
         D.open_data(str(d / "train-{000000..000012}.tar"))
     assert cli.main(["upstream", "--data", str(tmp_path / "x-{0..3}.tar"), "--dry-run"]) == 2
+
+
+def test_the_imagefolder_listing_is_cached_next_to_the_run(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    for split, n in (("train", 4), ("val", 2)):
+        for c in ("cat", "dog"):
+            os.makedirs(root / split / c)
+            for i in range(n):
+                Image.new("RGB", (10, 10), (i * 30, 0, 0)).save(root / split / c / f"{i}.png")
+    run = str(tmp_path / "run")
+    first = D.open_data(str(root), cache_dir=run)
+    assert os.path.isfile(os.path.join(run, "folder_index.npz")) and os.path.isfile(
+        os.path.join(run, "folder_index_eval.npz"))
+    real = D._list_images
+    monkeypatch.setattr(D, "_list_images", lambda top: pytest.fail("walked despite a valid cache"))
+    again = D.open_data(str(root), cache_dir=run)
+    for a, b in zip(first, again):
+        assert a.paths == b.paths and np.array_equal(a.labels, b.labels)
+    Image.new("RGB", (10, 10)).save(root / "train" / "dog" / "new.png")  # the class folder's mtime changes
+    os.utime(root / "train" / "dog", ns=(1, 1))
+    walked = []
+    monkeypatch.setattr(D, "_list_images", lambda top: walked.append(top) or real(top))
+    train, _ = D.open_data(str(root), cache_dir=run)
+    assert len(train) == 9 and walked

@@ -174,3 +174,18 @@ def test_fewshot_of_upstream_features_beats_random_init(tmp_path, capsys):
         assert res["trained"][k] > res["random"][k] + 0.03, (res, k)
     assert "25-shot" in capsys.readouterr().out
     assert cli.main(["fewshot", "--weights", str(tmp_path / "none.pt"), "--data", "fashion-mnist"]) == 2
+
+
+def test_checkpoints_by_time_keep_the_last_k(tmp_path):
+    kw = dict(model="bit_tiny", data="fashion-mnist:0-1", batch=8, steps=6, resolution="12,10", workers=0,
+              eval_every=0, progress=False, ckpt_every=100)
+    loop.train(C.make_config(out=str(tmp_path / "a"), ckpt_minutes=1e-9, keep_ckpts=2, **kw))  # due at every step
+    names = sorted(n for n in os.listdir(tmp_path / "a") if n.startswith("ckpt-"))
+    assert names == ["ckpt-00000005.pt", "ckpt-00000006.pt"]
+    assert os.path.samefile(tmp_path / "a" / "last.pt", tmp_path / "a" / names[-1])
+    assert ck.load(str(tmp_path / "a" / names[0]))["step"] == 5
+    loop.train(C.make_config(out=str(tmp_path / "b"), **kw))
+    assert not [n for n in os.listdir(tmp_path / "b") if n.startswith("ckpt-")]
+    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True)["model"] for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # saving more often changes nothing computed
+    assert cli.main(["transfer", "--data", "x", "--ckpt-minutes", "0", "--dry-run"]) == 2

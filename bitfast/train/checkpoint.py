@@ -25,7 +25,7 @@ from bitfast.train.dist import barrier
 
 FORMAT = "bitfast-train/1"
 OUTPUTS = ("last.pt", "model.pt", "summary.json", "plot.png", "config.json", "metrics.jsonl", "data_index.npz",
-           "data_index_eval.npz")
+           "data_index_eval.npz", "folder_index.npz", "folder_index_eval.npz")
 # Config keys that change what is computed and are not already fixed in the Recipe; a resumed run must agree.
 MATH_KEYS = ("mode", "model", "weights", "data", "examples_per_class", "seed", "loss", "norm", "conv", "precision",
              "fewshot_seed", "dropout", "weight_decay_init", "exclude")
@@ -196,8 +196,23 @@ def save_run(S, step, name="last.pt"):
                      "resolved": resolved(S.cfg),
                      "bad_images": sorted(S.bad), "wall_s": S.wall_before + time.time() - S.t_start,
                      "train_images": S.images_before + S.images, "window": S.progress.window()}, path)
-    S.saved_step = step
+        if S.cfg.keep_ckpts and name == "last.pt":
+            keep_last(S.cfg.out, path, step, S.cfg.keep_ckpts)
+    S.saved_step, S.last_save = step, time.time()
     barrier(S.world)
+
+
+def keep_last(out, path, step, k):
+    """Hard-link `path` as <out>/ckpt-<step>.pt (no copy: last.pt's next atomic replace is a new file) and remove
+    all but the newest k of them."""
+    kept = os.path.join(out, f"ckpt-{step:08d}.pt")
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(kept)
+    os.link(path, kept)
+    old = sorted(n for n in os.listdir(out) if n.startswith("ckpt-") and n.endswith(".pt"))
+    for n in old[:-k]:
+        os.remove(os.path.join(out, n))
+    _fsync_dir(out)
 
 
 def resume_run(S):

@@ -50,6 +50,8 @@ def _add_run_flags(p, upstream=False):
     a("--device", help="auto (default), cpu, cuda")
     a("--eval-every", type=int, help="evaluate every N steps (default: 5 times per run; 0 = only at the end)")
     a("--ckpt-every", type=int, help="checkpoint every N steps (default: 10 times per run, and at the end)")
+    a("--ckpt-minutes", type=float, help="also checkpoint when this many minutes passed since the last checkpoint")
+    a("--keep-ckpts", type=int, help="also keep the last K checkpoints as <out>/ckpt-<step>.pt (default 0)")
     a("--workers", type=int, help="DataLoader workers per rank (default: 0 for built-in data, else up to 8)")
     a("--resume", help="checkpoint to resume from (default: <out>/last.pt when it exists)")
     a("--stop-after", type=int, help="checkpoint and exit after N steps of this invocation (time-sliced jobs)")

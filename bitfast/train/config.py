@@ -59,6 +59,8 @@ class TrainConfig:
     device: str = "auto"
     eval_every: Optional[int] = None  # default: 5 evaluations per run
     ckpt_every: Optional[int] = None  # default: 10 checkpoints per run
+    ckpt_minutes: Optional[float] = None  # also checkpoint when this many minutes passed since the last one
+    keep_ckpts: int = 0  # also keep the last K checkpoints as ckpt-<step>.pt (hard links; last.pt is the newest)
     log_every: int = 10
     workers: Optional[int] = None  # default: 0 for in-memory data, else min(8, cpus per rank)
     stop_after: Optional[int] = None  # checkpoint and exit after this many steps in this invocation
@@ -140,7 +142,9 @@ def validate(cfg):
         if getattr(cfg, k) not in allowed:
             raise ValueError(f"{_flag(k)} must be one of {allowed}, got {getattr(cfg, k)!r}")
     _check(cfg, ("batch", "batch_split", "log_every"), lambda v: v >= 1, ">= 1")
-    _check(cfg, ("examples_per_class", "warmup", "minival", "fewshot_every"), lambda v: v >= 0, ">= 0")
+    _check(cfg, ("examples_per_class", "warmup", "minival", "fewshot_every", "keep_ckpts"), lambda v: v >= 0, ">= 0")
+    _check(cfg, ("ckpt_minutes",), lambda v: math.isfinite(v) and v > 0, "a finite number of minutes > 0",
+           optional=True)
     _check(cfg, ("crop_area",), lambda v: math.isfinite(v) and 0 < v <= 1, "a fraction in (0, 1]")
     _check(cfg, ("head_bias",), math.isfinite, "a finite number", optional=True)
     parse_shots(cfg.fewshot_shots)

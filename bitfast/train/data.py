@@ -89,7 +89,10 @@ class FolderSource:
     """An ImageFolder-style directory: <root>/<class>/<image>. Files are listed, not opened, at start."""
     in_memory = False
 
-    def __init__(self, root, classes=None):
+    def __init__(self, root, classes=None, cache=None, write_cache=True):
+        """cache: a file for the listing (e.g. <out>/folder_index.npz), reused while the root's and the class
+        folders' mtimes are unchanged (adding or removing a file in a class folder changes its mtime; a change
+        deeper down, in a subfolder of a class, is not seen: delete the cache then)."""
         train = classes is None  # the training tree defines the classes; an eval tree may lack some
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data: {root} is not a directory")
@@ -100,20 +103,39 @@ class FolderSource:
         if extra:
             raise ValueError(f"data: {root} has classes not in the training set: {extra[:5]}")
         self.root, self.classes, self.name = root, list(classes), root
-        self.paths, labels, self.empty = [], [], []
-        for label, cls in enumerate(self.classes):
-            d = os.path.join(root, cls)
-            files = _list_images(d) if os.path.isdir(d) else []
-            if not files and os.path.isdir(d):
-                self.empty.append(cls)
-            self.paths += files
-            labels += [label] * len(files)
+        stamp = repr([os.path.realpath(root), os.stat(root).st_mtime_ns] +
+                     [(c, os.stat(os.path.join(root, c)).st_mtime_ns) for c in found])
+        if not (cache and self._read_cache(cache, stamp)):
+            self.paths, labels, self.empty = [], [], []
+            for label, cls in enumerate(self.classes):
+                d = os.path.join(root, cls)
+                files = _list_images(d) if os.path.isdir(d) else []
+                if not files and os.path.isdir(d):
+                    self.empty.append(cls)
+                self.paths += files
+                labels += [label] * len(files)
+            self.labels = np.asarray(labels, np.int64)
+            if cache and write_cache and self.paths:
+                from bitfast.train.checkpoint import atomic_write
+                os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+                atomic_write(cache, lambda f: np.savez(f, stamp=np.asarray(stamp), labels=self.labels,
+                                                       paths=np.asarray(self.paths, dtype=str),
+                                                       empty=np.asarray(self.empty, dtype=str)))
         if not self.paths:
             raise ValueError(f"data: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}/<class>/")
         if self.empty and train:  # a class without examples can never be learned, yet it gets a head output
             raise ValueError(f"data: {len(self.empty)} class folder(s) under {root} hold no images: "
                              f"{', '.join(self.empty[:5])}; add images or remove the folder(s)")
-        self.labels = np.asarray(labels, np.int64)
+
+    def _read_cache(self, cache, stamp):
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                if str(z["stamp"]) != stamp:
+                    return False
+                self.paths, self.labels, self.empty = z["paths"].tolist(), z["labels"], z["empty"].tolist()
+                return True
+        except (OSError, ValueError, KeyError):  # missing or unreadable: list the folder again
+            return False
 
     def __len__(self):
         return len(self.paths)
@@ -229,16 +251,17 @@ def open_data(spec, eval_split="auto", exclude=None, minival=0, cache_dir=None, 
                                 "nor a directory with a train/ folder")
     order = ("test", "val") if eval_split == "auto" else (eval_split,)
     eval_dir = next((os.path.join(spec, d) for d in order if os.path.isdir(os.path.join(spec, d))), None)
+    cache = (lambda name: os.path.join(cache_dir, name)) if cache_dir else (lambda name: None)
     if eval_dir is None and minival and eval_split == "auto":
-        train = FolderSource(train_dir)
+        train = FolderSource(train_dir, None, cache("folder_index.npz"), write_cache)
         if exclude:
             drop_listed((train,), exclude)
         return hold_out(train, minival, spec)
     if eval_dir is None:
         raise FileNotFoundError(f"data: {spec} has train/ but neither test/ nor val/" if eval_split == "auto" else
                                 f"eval_split: {spec} has no {eval_split}/ folder")
-    train = FolderSource(train_dir)
-    sources = train, FolderSource(eval_dir, classes=train.classes)
+    train = FolderSource(train_dir, None, cache("folder_index.npz"), write_cache)
+    sources = train, FolderSource(eval_dir, train.classes, cache("folder_index_eval.npz"), write_cache)
     if exclude:
         drop_listed(sources, exclude)
     return sources

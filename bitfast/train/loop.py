@@ -217,11 +217,11 @@ def setup(cfg, world, model=None):
     S.log = print if world.main else (lambda *a, **k: None)
     from bitfast.train import shards
     sharded = shards.is_shard_spec(cfg.data) and not os.path.isdir(cfg.data)
-    if sharded and not world.main:  # rank 0 scans the shards once and caches the index in the run directory
+    if not world.main:  # rank 0 lists the folder / scans the shards once and caches the index in the run directory
         dist.barrier(world)
     train_src, S.eval_src = D.open_data(cfg.data, cfg.eval_split, cfg.exclude,
                                         cfg.minival if cfg.mode == "upstream" else 0, cfg.out, world.main)
-    if sharded and world.main:
+    if world.main:
         dist.barrier(world)
     if sharded and cfg.examples_per_class:
         raise ValueError("--examples-per-class: not supported for shard data (use an ImageFolder)")
@@ -291,7 +291,7 @@ def check_backend(name, device_type):
 
 def _run(S, stop):
     cfg, r, world = S.cfg, S.recipe, S.world
-    S.stop, S.saved_step, S.window = stop, None, None
+    S.stop, S.saved_step, S.window, S.last_save, S.time_due = stop, None, None, time.time(), False
     start = ck.resume_run(S)
     if world.main:
         S.log(C.describe(r))
@@ -337,7 +337,7 @@ def _run(S, stop):
                 progress.warn(f"warning: skipped unreadable image {b}")
         S.bad.update(bad)
         t0 = time.time()
-        if stopping or step == end_this_run or step % ckpt_every == 0:
+        if stopping or step == end_this_run or step % ckpt_every == 0 or S.time_due:
             ck.save_run(S, step)
         if not stopping and (eval_due(step) or fs_due(step)):
             stopping = not _eval(S, metrics, step, eval_due(step), fs_due(step))
@@ -392,8 +392,11 @@ def train_step(S, x, y, step, lr, stop):
     loss, n = forward_backward(S, x, y, step)
     # fp16: the scaler itself skips steps with inf/nan gradients. DDP has averaged the gradients: all ranks agree.
     finite = math.isfinite(loss) and (S.scaler is not None or ck.finite(p.grad for p in S.model.parameters()))
-    loss, n, nonfinite, stopping = dist.all_sum(S.world, [loss if finite else 0.0, n, float(not finite),
-                                                          float(stop.signum is not None)])
+    minutes = S.cfg.ckpt_minutes  # rank 0's clock decides, so every rank saves at the same step
+    due = S.world.main and minutes is not None and time.time() - S.last_save >= 60 * minutes
+    loss, n, nonfinite, stopping, due = dist.all_sum(S.world, [loss if finite else 0.0, n, float(not finite),
+                                                               float(stop.signum is not None), float(due)])
+    S.time_due = bool(due)
     if nonfinite:  # before the update: the weights are still finite, so they are the last good checkpoint
         ck.save_run(S, step)
         raise NonFiniteLoss(f"loss or gradients not finite (nan/inf) at step {step} (lr {lr:.3g}); stopped without "
