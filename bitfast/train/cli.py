@@ -132,7 +132,8 @@ def dry_run(cfg):
         print(f"  regularize   dropout {cfg.dropout:g} on the pre-logits, weight decay {cfg.weight_decay_init:g} "
               "towards the initial weights")
     if cfg.mode == "upstream" and cfg.fewshot_data:
-        print(f"  fewshot      {cfg.fewshot_data}: {cfg.fewshot_shots}-shot linear eval on pre-logits at {recipe.crop}px, "
+        print(f"  fewshot      {cfg.fewshot_data}: {cfg.fewshot_shots}-shot linear eval on pre-logits at "
+              f"{recipe.crop}px, "
               + (f"every {cfg.fewshot_every} steps and " if cfg.fewshot_every else "") + "at the end")
     print(f"  model        {cfg.model}" + (f" from {cfg.weights}" if cfg.weights else " (from scratch)"))
     print(f"  out          {cfg.out}")

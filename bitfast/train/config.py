@@ -273,7 +273,8 @@ def resolve(cfg, dataset_size, image_hw, num_classes, world_size=1):
         epochs = ref if cfg.epochs is None else cfg.epochs
         why["supports"] = (f"upstream {cfg.schedule}: {epochs:g} epochs x {spe} steps, /10 at epochs "
                            f"{'/'.join(map(str, decays))} of {ref}" + (" (scaled)" if epochs != ref else "")
-                           + f"; warmup {cfg.warmup}" + (f" capped at {supports[0]}" if supports[0] < cfg.warmup else "")
+                           + f"; warmup {cfg.warmup}"
+                           + (f" capped at {supports[0]}" if supports[0] < cfg.warmup else "")
                            + (" (--warmup-cap tenth: at most a tenth of the run)" if cfg.warmup_cap == "tenth"
                               else " (capped only at the first decay)"))
         lr, why["lr"] = hr.upstream_lr(cfg.batch), f"upstream: 0.03 x batch/256 = {hr.upstream_lr(cfg.batch):g}"

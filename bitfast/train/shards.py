@@ -331,14 +331,14 @@ def pack(src, out, shard_size=10_000, progress=True):
             def write(f, first=first):
                 tw = wds.TarWriter(f, encoder=False, mtime=0)
                 for i in range(first, min(first + shard_size, len(s))):
+                    bar.update(1)
                     try:
-                        key, ext, raw = _sample_bytes(s, i)
+                        ext, raw = _sample_bytes(s, i)
                     except Exception as e:  # unreadable files are left out and listed
                         bad.append(f"{s.describe(i)} ({type(e).__name__}: {e})")
                         continue
                     tw.write({"__key__": f"{split}{i:09d}", ext: raw, "cls": str(int(s.labels[i])).encode()})
                     n[0] += 1
-                    bar.update(1)
                 tw.close()
             atomic_write(os.path.join(out, name), write)
             names.append(name)
@@ -357,10 +357,10 @@ def _sample_bytes(src, i):
             im.verify()
         ext = os.path.splitext(path)[1].lower().lstrip(".")
         with open(path, "rb") as f:
-            return None, {"jpeg": "jpg"}.get(ext, ext), f.read()
+            return {"jpeg": "jpg"}.get(ext, ext), f.read()
     buf = io.BytesIO()
     src.load(i).save(buf, "PNG")
-    return None, "png", buf.getvalue()
+    return "png", buf.getvalue()
 
 
 def add_parser(sub):
@@ -378,5 +378,6 @@ def main(args):
         print(f"{k}: {v['num_samples']:,} samples in {len(v['shards'])} shard(s)")
     if bad:
         print(f"skipped {len(bad)} unreadable image(s), listed in {os.path.join(args.out, INFO)}")
-    print(f"train with --data '{os.path.join(args.out, 'train-{%06d..%06d}.tar' % (0, len(splits['train']['shards']) - 1))}'")
+    last = len(splits["train"]["shards"]) - 1
+    print(f"train with --data '{os.path.join(args.out, 'train-{%06d..%06d}.tar' % (0, last))}'")
     return 0
