@@ -527,11 +527,15 @@ __global__ void __launch_bounds__(kThreads) param_grads(const float* __restrict_
 }
 
 // ------------------------------------------------------------------------------------------------ host
-// Samples per NHWC chunk: the chunk's tensors (bytes per element summed over x, dy) fit in kL2Bytes.
+// Samples per NHWC chunk: the chunk's tensors (bytes per element summed over x, dy) fit in kL2Bytes, and the chunks
+// are balanced (ceil(N / chunks)): a 1-2 sample tail chunk would run a fraction of a wave on its own.
 int64_t chunk_samples(const GNArgs& a, int64_t bytes) {
   const int64_t per = a.S * a.C * bytes;
   const int64_t ns = per > 0 ? kL2Bytes / per : a.N;
-  return ns < 1 ? 1 : (ns > a.N ? a.N : ns);
+  const int64_t cap = ns < 1 ? 1 : (ns > a.N ? a.N : ns);
+  if (cap < 1) return cap;  // N == 0: no chunks, no workspace
+  const int64_t chunks = (a.N + cap - 1) / cap;
+  return (a.N + chunks - 1) / chunks;
 }
 
 // Floats in one (NS, B, C) partials array, for the smallest R any V gives (TR >= 8 rows phases).
