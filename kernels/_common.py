@@ -1,6 +1,8 @@
 """What the Triton launchers and kernels of bitfast.kernels share."""
 import contextlib
+import functools
 
+import torch
 import triton
 import triton.language as tl
 
@@ -9,8 +11,6 @@ def on_device(t):
     """Context for a launch on t's own device: Triton launches on the *current* CUDA device and its current stream,
     so tensors on cuda:1 while cuda:0 is current would get the wrong stream or an illegal address. Nothing for CPU
     tensors (the interpreter)."""
-    import torch
-
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
@@ -27,8 +27,6 @@ def div(a, b, ACC: tl.constexpr):
 def eps_arg(eps, dtype, device):
     """eps as the kernels take it: a float (Triton passes Python floats as fp32) for fp32 statistics, a 1-element
     fp64 tensor for fp64 ones, so that gradcheck-precision runs see eps exactly (torch.full: capture-safe)."""
-    import torch
-
     if dtype == torch.float64:
         return torch.full((1,), float(eps), dtype=torch.float64, device=device)
     return float(eps)
@@ -36,7 +34,6 @@ def eps_arg(eps, dtype, device):
 
 def guarded(launcher):
     """Wraps a launcher whose first tensor argument (or first element of a list) decides the device."""
-    import functools
 
     @functools.wraps(launcher)
     def run(first, *args, **kwargs):

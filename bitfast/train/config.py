@@ -183,14 +183,14 @@ def parse_resolution(text):
     return (None, vals[0]) if len(vals) == 1 else tuple(vals)
 
 
-def parse_shots(text):
-    """'1,5,10,25' -> [1, 5, 10, 25] (sorted, unique, each >= 1)."""
+def parse_shots(text, flag="--fewshot-shots"):
+    """'1,5,10,25' -> [1, 5, 10, 25] (sorted, unique, each >= 1); errors name `flag`."""
     try:
         shots = sorted({int(t) for t in str(text).split(",")})
     except ValueError:
         shots = []
     if not shots or shots[0] < 1:
-        raise ValueError(f"--fewshot-shots must be a list of K >= 1 like '1,5,10,25', got {text!r}")
+        raise ValueError(f"{flag} must be a list of K >= 1 like '1,5,10,25', got {text!r}")
     return shots
 
 

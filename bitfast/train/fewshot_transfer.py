@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from bitfast.train import config as C
 from bitfast.train import protocol as P
 
 OWNED = {"data", "out", "examples_per_class", "fewshot_seed"}
@@ -26,18 +27,8 @@ def add_parser(sub):
     p.set_defaults(protocol=P.grouped(main))
 
 
-def parse_shots(text):
-    try:
-        shots = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        shots = []
-    if not shots or min(shots) < 1:
-        raise ValueError(f"--shots must be positive integers like 1,5,10,25, got {text!r}")
-    return sorted(set(shots))
-
-
 def main(args):
-    shots = parse_shots(args.shots)
+    shots = C.parse_shots(args.shots, "--shots")
     if args.draws < 1:
         raise ValueError(f"--draws must be >= 1, got {args.draws}")
     extra = dict(eval_split=args.eval_split) if args.eval_split else {}

@@ -285,8 +285,9 @@ template <typename In, typename Out> void ws_many_case() {
   }
 }
 
-// A launch with a bad configuration reports an error, as <<<>>> would (the launchers' status path).
-void launch_errors() {
+// The launchers' refusal path: fp64 GroupNorm has no CUDA kernel and must come back as an error status (bad launch
+// configurations are checked in emu_selftest.cu).
+void refused_dtype() {
   const GNArgs a{1, 64, 9, 32, false, false, 1e-5};
   std::vector<float> x(64 * 9, 1.f), y(64 * 9), m(32), r(32);
   expect(group_norm_fwd_cuda(DType::f64, a, x.data(), nullptr, nullptr, y.data(), m.data(), r.data(), nullptr,
@@ -332,7 +333,7 @@ int main(int argc, char** argv) {
   ws_many_case<float, float>();
   ws_many_case<float, __nv_bfloat16>();
   ws_many_case<__half, __half>();
-  launch_errors();
+  refused_dtype();
   failures += emu_selftest();
   std::printf("%s (%d failures)\n", failures ? "FAILED" : "OK", failures);
   return failures ? 1 : 0;
