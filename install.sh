@@ -11,7 +11,7 @@ VENV=${VENV:-.venv}
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-"$VENV/bin/python" -m pip install --quiet numpy pybind11 ninja cmake tqdm matplotlib pytest pytest-benchmark imagehash webdataset
+"$VENV/bin/python" -m pip install --quiet numpy pybind11 ninja cmake tqdm matplotlib pytest pytest-benchmark imagehash webdataset tensorboard scikit-image
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 export MAX_JOBS=${MAX_JOBS:-2}
 # --no-build-isolation: build against the torch installed above, not a second one pip would fetch.
