@@ -6,7 +6,7 @@
 
 Separate processes (or runs minutes apart) on a shared machine differ by more than the change being measured;
 alternating calls in one process share clocks, caches and neighbours. Prints, per GroupNorm(+ReLU) shape of
-BiT-R50x1 (batch 8, fp32, both layouts) and for weight standardization of R50x1's 53 weights, the median over
+BiT-R50x1 (batch 8 or --batch, fp32, both layouts) and for weight standardization of R50x1's 53 weights, the median over
 pairs of time(A) / time(B): above 1 means B is faster. Run it A/A first (one file twice) for the noise floor:
 on the 2-core dev VM about 1% for NCHW and small shapes, up to 10% for 256x56x56 channels_last, whose timings are
 bimodal (where the outputs land). Run it with the glibc heap kept (MALLOC_TRIM_THRESHOLD_=
@@ -61,13 +61,15 @@ def main(argv=None):
     p.add_argument("b", help="build B (e.g. the new _C .so)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reps", type=int, default=300, help="pairs per measurement (a third of it for 256x56)")
+    p.add_argument("--batch", type=int, default=8, help="GroupNorm batch (NHWC runs in cache-sized sample chunks "
+                   "when batch < 2 x threads)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     A, B = load(args.a, "bitfast_ab_a._C"), load(args.b, "bitfast_ab_b._C")
-    print(f"time(A) / time(B), median of pairs; > 1: B faster ({args.threads} thread(s))")
+    print(f"time(A) / time(B), median of pairs; > 1: B faster ({args.threads} thread(s), batch {args.batch})")
     for C, H in GN_SHAPES:
         for cl in (False, True):
-            x = torch.randn(8, C, H, H)
+            x = torch.randn(args.batch, C, H, H)
             x = x.contiguous(memory_format=torch.channels_last) if cl else x
             dy, w, b = torch.randn_like(x), torch.randn(C), torch.randn(C)
             _, mean, rstd = A.group_norm_fwd(x, w, b, 32, 1e-5, True)

@@ -387,7 +387,11 @@ struct NhwcSplit {
   NhwcSplit(const GNArgs& a) {
     R = std::min(a.S, kRows);
     B = (a.S + R - 1) / R;
-    NS = std::max<int64_t>(1, std::min(a.N, kCacheElems / (a.S * a.C)));
+    // Balanced chunks, as csrc/group_norm.cu: the fewest chunks that fit in cache, of near-equal size, so no
+    // chunk is a 1-sample tail with too few blocks to spread over the threads (62 + 2 becomes 32 + 32).
+    const int64_t most = std::max<int64_t>(1, std::min(a.N, kCacheElems / (a.S * a.C)));
+    const int64_t chunks = (a.N + most - 1) / most;
+    NS = (a.N + chunks - 1) / chunks;
     per_sample = a.N >= 2 * omp_get_max_threads();
     for (int64_t blk = 0; blk < B; ++blk) {
       const double before = static_cast<double>(blk * R), f = rows(blk, a.S) / (before + rows(blk, a.S));

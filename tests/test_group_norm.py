@@ -184,23 +184,25 @@ def test_dweight_dbias_deterministic(backend, device, channels_last):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_cpu_bitwise_same_for_any_thread_count(channels_last):
+@pytest.mark.parametrize("shape,G", [((3, 64, 20, 20), 16), ((6, 2048, 7, 7), 32)])
+def test_cpu_bitwise_same_for_any_thread_count(channels_last, shape, G):
     """The C++ kernels fix every summation order by the shape: 1 thread (whole samples per thread) and several
-    threads (blocks of a sample chunk in parallel) give bit-identical outputs and gradients."""
+    threads (blocks of a sample chunk in parallel) give bit-identical outputs and gradients. At 4 threads the
+    second shape runs channels_last in balanced cache chunks of 3 + 3 samples (5 + 1 before they were balanced)."""
     from bitfast import _C
 
-    x = make_x((3, 64, 20, 20), torch.float32, "cpu", channels_last=channels_last)
-    dy = make_x((3, 64, 20, 20), torch.float32, "cpu", channels_last=channels_last)
-    w, b = torch.randn(64), torch.randn(64)
+    x = make_x(shape, torch.float32, "cpu", channels_last=channels_last)
+    dy = make_x(shape, torch.float32, "cpu", channels_last=channels_last)
+    w, b = torch.randn(shape[1]), torch.randn(shape[1])
     old, outs = torch.get_num_threads(), []
     try:
-        for nt in (1, max(2, old)):
+        for nt in (1, max(2, old), 4):
             torch.set_num_threads(nt)  # bitfast._C shares torch's OpenMP runtime
-            y, mean, rstd = _C.group_norm_fwd(x, w, b, 16, 1e-5, True)
-            outs.append((y, mean, rstd) + tuple(_C.group_norm_bwd(dy, x, w, b, mean, rstd, 16, True)))
+            y, mean, rstd = _C.group_norm_fwd(x, w, b, G, 1e-5, True)
+            outs.append((y, mean, rstd) + tuple(_C.group_norm_bwd(dy, x, w, b, mean, rstd, G, True)))
     finally:
         torch.set_num_threads(old)
-    assert all(torch.equal(a, c) for a, c in zip(*outs))
+    assert all(torch.equal(a, c) for o in outs[1:] for a, c in zip(outs[0], o))
 
 
 @pytest.mark.parametrize("backend,device", NATIVE)
