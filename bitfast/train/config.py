@@ -63,6 +63,7 @@ class TrainConfig:
     keep_ckpts: int = 0  # also keep the last K checkpoints as ckpt-<step>.pt (hard links; last.pt is the newest)
     log_every: int = 10
     workers: Optional[int] = None  # default: 0 for in-memory data, else min(8, cpus per rank)
+    decode: str = "fast"  # image decode/resize path (decode.py): "fast" uint8 tensor resizes, "pil", "gpu" (nvjpeg)
     stop_after: Optional[int] = None  # checkpoint and exit after this many steps in this invocation
     resume: Optional[str] = None  # a checkpoint; default: <out>/last.pt when it exists
     progress: bool = True
@@ -84,7 +85,7 @@ PRESETS = {
 CHOICES = dict(mode=("transfer", "upstream"), precision=("fp32", "bf16", "fp16"), loss=("softmax", "sigmoid"),
                norm=("gn", "bn"), conv=("ws", "plain"), schedule=tuple(hr.UPSTREAM_SCHEDULES),
                eval_split=("auto", "test", "val"), warmup_cap=("decay", "tenth"), wd_on=("kernels", "all"),
-               eval_crop=("center", "squash"))
+               eval_crop=("center", "squash"), decode=("pil", "fast", "gpu"))
 
 
 def _coerce(name, typ, text):
@@ -226,6 +227,7 @@ class Recipe:
     wd_on: str = "all"  # "all" parameters or conv "kernels" only
     eval_crop: str = "squash"  # "squash": resize to (crop, crop); "center": short side to resize, central crop
     crop_area: float = 0.08  # Inception crop's minimum area fraction (upstream)
+    decode: str = "fast"  # how workers decode and resize (decode.py); not a resume setting: same crops and draws
 
     @property
     def steps(self):
@@ -296,7 +298,7 @@ def resolve(cfg, dataset_size, image_hw, num_classes, world_size=1):
     why["flip"] = "--no-flip" if cfg.no_flip else "random horizontal flip"
     why["random_crop"] = "--no-crop (resize straight to the crop size)" if cfg.no_crop else "random crop"
     up = cfg.mode == "upstream"
-    extra = dict(loss=cfg.loss)
+    extra = dict(loss=cfg.loss, decode=cfg.decode)
     extra["head_bias"] = cfg.head_bias if cfg.head_bias is not None else (-10.0 if cfg.loss == "sigmoid" else 0.0)
     why["loss"] = f"--loss {cfg.loss}" + (": multi-hot targets, per-class binary cross-entropy"
                                           if cfg.loss == "sigmoid" else "")

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from bitfast import datasets
+from bitfast.train import decode
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 BUILTIN = {"fashion-mnist": "auto", "fashion-mnist-small": "small", "fashion-mnist-full": "full"}
@@ -33,8 +34,7 @@ def to_rgb(im):
     """A PIL image -> 8-bit RGB. 16-bit gray is scaled by 255/65535 and float gray from [0, 1] (convert("RGB")
     would clip both: 16-bit to near white, float to black). ValueError (a counted skip) when no honest 8-bit
     version exists: a float image outside [0, 1], a 32-bit one beyond 16 bits, too many pixels."""
-    if im.width * im.height > MAX_PIXELS:
-        raise ValueError(f"{im.width}x{im.height} is over the {MAX_PIXELS:,}-pixel limit")
+    check_pixels(im)
     if im.mode not in SIXTEEN_BIT + ("F",):
         return im.convert("RGB")  # forces decoding, so truncated files fail here; gray -> 3 channels
     a = np.asarray(im, np.float64)
@@ -43,6 +43,11 @@ def to_rgb(im):
         raise ValueError(f"mode {im.mode} image with values in [{a.min():g}, {a.max():g}], outside [0, {top:g}]: "
                          "its 8-bit scale is unknown")
     return Image.fromarray(np.rint(a * (255.0 / top)).astype(np.uint8), "L").convert("RGB")
+
+
+def check_pixels(im):
+    if im.width * im.height > MAX_PIXELS:
+        raise ValueError(f"{im.width}x{im.height} is over the {MAX_PIXELS:,}-pixel limit")
 
 
 def _open(path):
@@ -80,6 +85,9 @@ class ArraySource:
 
     def load(self, i):
         return Image.fromarray(self.x[i]).convert("RGB")
+
+    def raw(self, i):  # no encoded bytes: decode.load takes load(i) in every mode
+        return None
 
     def image_hw(self):
         return tuple(self.x.shape[1:3])
@@ -147,6 +155,10 @@ class FolderSource:
         with _open(self.paths[i]) as im:
             return to_rgb(im)
 
+    def raw(self, i):
+        with open(self.paths[i], "rb") as f:
+            return f.read()
+
     def image_hw(self, sample=64):
         """Median (H, W) over up to `sample` evenly spaced files (headers only)."""
         sizes = []
@@ -200,6 +212,9 @@ class SubsetSource:
 
     def load(self, i):
         return self.src.load(int(self.idx[i]))
+
+    def raw(self, i):
+        return self.src.raw(int(self.idx[i]))
 
     def image_hw(self):
         return self.src.image_hw()
@@ -301,50 +316,54 @@ def fewshot_indices(labels, k, seed):
     return np.sort(np.concatenate(picked))
 
 
-def _to_uint8_chw(img):
-    return torch.from_numpy(np.asarray(img, np.uint8).copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
-
-
+# The transforms take a PIL image or a uint8 (3, H, W) tensor (decode.py: --decode); same draws either way.
 def train_transform(img, rng, resize, crop, flip=True, random_crop=True):
+    op = decode.ops(img)
     if random_crop:
-        img = img.resize((resize, resize), Image.BILINEAR)
+        img = op.resize(img, resize, resize)
         top, left = rng.integers(0, resize - crop + 1, size=2)
-        img = img.crop((left, top, left + crop, top + crop))
+        img = op.crop(img, left, top, crop, crop)
     else:
-        img = img.resize((crop, crop), Image.BILINEAR)
+        img = op.resize(img, crop, crop)
     if flip and rng.random() < 0.5:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    return _to_uint8_chw(img)
+        img = op.flip(img)
+    return op.to_chw(img)
 
 
-def inception_transform(img, rng, crop, flip=True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """Random area/aspect crop resized to crop x crop (Inception preprocessing), then a random flip."""
-    w, h = img.size
-    box = (0, 0, w, h)
+def inception_box(w, h, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """The Inception crop's (left, top, right, bottom) in a w x h image: a random area fraction and aspect ratio,
+    10 tries, else the whole image."""
     for _ in range(10):
         area = w * h * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
         cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
         if 0 < cw <= w and 0 < ch <= h:
             top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-            box = (left, top, left + cw, top + ch)
-            break
-    img = img.resize((crop, crop), Image.BILINEAR, box=box)
+            return left, top, left + cw, top + ch
+    return 0, 0, w, h
+
+
+def inception_transform(img, rng, crop, flip=True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """Random area/aspect crop resized to crop x crop (Inception preprocessing), then a random flip."""
+    op = decode.ops(img)
+    box = inception_box(*op.size(img), rng, scale, ratio)
+    img = op.resize(img, crop, crop, box=box)
     if flip and rng.random() < 0.5:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    return _to_uint8_chw(img)
+        img = op.flip(img)
+    return op.to_chw(img)
 
 
 def eval_transform(img, crop, resize=None):
     """Squash to (crop, crop); or, with `resize`, the short side to `resize` and a central crop (big_vision)."""
+    op = decode.ops(img)
     if resize is None:
-        return _to_uint8_chw(img.resize((crop, crop), Image.BILINEAR))
-    w, h = img.size
+        return op.to_chw(op.resize(img, crop, crop))
+    w, h = op.size(img)
     s = resize / min(w, h)
     w2, h2 = max(crop, round(w * s)), max(crop, round(h * s))
-    img = img.resize((w2, h2), Image.BILINEAR)
+    img = op.resize(img, w2, h2)
     left, top = (w2 - crop) // 2, (h2 - crop) // 2
-    return _to_uint8_chw(img.crop((left, top, left + crop, top + crop)))
+    return op.to_chw(op.crop(img, left, top, crop, crop))
 
 
 class View(torch.utils.data.Dataset):
@@ -352,6 +371,8 @@ class View(torch.utils.data.Dataset):
 
     def __init__(self, source, recipe, upstream=False):
         self.source, self.r, self.upstream = source, recipe, upstream
+        self.decode = getattr(recipe, "decode", "pil")  # README: Input throughput
+        decode.check(self.decode)
 
     def __len__(self):
         return len(self.source)
@@ -361,7 +382,7 @@ class View(torch.utils.data.Dataset):
         label = self.source.labels[i]
         label = [int(c) for c in label] if isinstance(label, (list, tuple, np.ndarray)) else int(label)
         try:  # decoding and the transform: either may fail on a bad or huge image (MemoryError included)
-            return self._transform(self.source.load(i), seed), label, None
+            return self._transform(decode.load(self.source, i, self.decode), seed), label, None
         except Exception as e:  # skipped and counted by the loop, never fatal
             return None, label, f"{self.source.describe(i)} ({type(e).__name__}: {e})"
 
@@ -446,6 +467,8 @@ def _worker_init(_):
 
 
 def loader(view, batch_sampler, workers, pin):
+    spawn = workers and getattr(view, "decode", None) == "gpu"  # CUDA cannot start in a forked worker
     return torch.utils.data.DataLoader(view, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate,
                                        pin_memory=pin, persistent_workers=False,
-                                       worker_init_fn=_worker_init if workers else None)
+                                       worker_init_fn=_worker_init if workers else None,
+                                       multiprocessing_context="spawn" if spawn else None)

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from bitfast.train import data as D
+from bitfast.train import decode
 
 INFO = "info.json"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff")
@@ -177,17 +178,16 @@ class ShardSource:
     def describe(self, i):
         return f"{self.paths[self.shard[i]]}@{self.offset[i]}"
 
-    def load(self, i):
+    def raw(self, i):
         with open(self.paths[self.shard[i]], "rb") as f:
             f.seek(int(self.offset[i]))
             raw = f.read(int(self.size[i]))
         if len(raw) != self.size[i]:
             raise ValueError("truncated shard")
-        try:
-            with D._open(io.BytesIO(raw)) as im:
-                return D.to_rgb(im)
-        except (OSError, SyntaxError) as e:  # PIL names the BytesIO object: keep the message the same each time
-            raise ValueError(f"cannot decode the image bytes ({type(e).__name__})") from None
+        return raw
+
+    def load(self, i):
+        return decode.from_bytes(self.raw(i), "pil")
 
     def image_hw(self, sample=16):
         sizes = []
