@@ -48,8 +48,28 @@ def init(device="auto"):
     if size > 1 and owns:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None,
+                                **_elastic_store(rank, size))
     return World(rank, size, local, dev, owns)
+
+
+def _elastic_store(rank, size):
+    """The store for this attempt's process group under a torchrun that shares its own TCPStore with the workers
+    (TORCHELASTIC_USE_AGENT_STORE=True, its default): that store outlives the workers, and torch (2.14) puts no
+    attempt in the group's keys, so after a restart (--max-restarts) the new ranks read the dead
+    ranks' gloo/NCCL addresses and fail to connect. TORCHELASTIC_RESTART_COUNT cannot tell the attempts apart: an
+    agent whose own workers did not fail restarts them without counting. So each rank counts its own starts in
+    the store, key (world size, rank): torchelastic starts every rank of the world once per attempt, so the
+    counts agree and name the attempt. (A worker that dies before it gets here while the others get through
+    would put its count behind for good; TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on the agents avoids the shared
+    store altogether.)"""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    from torch.distributed.constants import default_pg_timeout
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, is_master=False,
+                          timeout=default_pg_timeout)
+    start = store.add(f"bitfast/starts/{size}/{rank}", 1)
+    return dict(store=dist.PrefixStore(f"bitfast/{size}/{start}/", store), rank=rank, world_size=size)
 
 
 def all_sum(world, values):

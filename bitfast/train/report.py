@@ -12,7 +12,12 @@ class Metrics:
     """Appends one JSON object per line, each row in one write() on an O_APPEND file. On resume from step s it
     keeps the rows a run writes before its checkpoint at s: everything before s and the train row at s. Evals
     at s (and later) are redone by the resumed run, and a line cut by a kill or a full disk is dropped; the
-    file is rewritten atomically, so a kill then loses nothing."""
+    file is rewritten atomically, so a kill then loses nothing.
+
+    TensorBoard (<out>/tb, when tensorboard is installed) gets the same numbers, flushed with every row so that a
+    kill leaves it as complete as metrics.jsonl. A resumed run's event file starts with purge_step=s, which makes
+    TensorBoard drop every earlier event at step >= s (those of the evals it redoes, and any a kill left after
+    the checkpoint), so it then writes the kept train row at s again: one value per tag and step."""
 
     def __init__(self, out, resume_step=None, tensorboard=True):
         self.path = os.path.join(out, "metrics.jsonl")
@@ -28,6 +33,9 @@ class Metrics:
                 self.tb = SummaryWriter(os.path.join(out, "tb"), purge_step=resume_step)
             except ImportError:
                 pass
+        for r in kept:
+            if self.tb is not None and r.get("step") == resume_step:
+                self._scalars(r["kind"], r["step"], r)
 
     def write(self, kind, step, **values):
         line = (json.dumps({"kind": kind, "step": step, **values}) + "\n").encode()
@@ -37,9 +45,13 @@ class Metrics:
         except OSError as e:
             raise OSError(e.errno, e.strerror, self.path) from None
         if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+            self._scalars(kind, step, values)
+
+    def _scalars(self, kind, step, values):
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("kind", "step"):
+                self.tb.add_scalar(f"{kind}/{k}", v, step)
+        self.tb.flush()
 
     def close(self):
         if self.fd is not None:
