@@ -445,7 +445,8 @@ def markdown(report):
 
 def measure(prefix, device="cuda"):
     """On a GPU: time every path of the report at PREFIX.json (CUDA events, bench/_timing.kernel_ms) and write
-    PREFIX-measured.{json,md}: measured ms and GB/s (minimum bytes / time) beside the predicted ms and bytes."""
+    PREFIX-measured.{json,md}: measured ms and GB/s (minimum bytes / time) beside the predicted ms and bytes. The
+    files are rewritten after every path, so a run cut off by gpu_check's time limit keeps what it measured."""
     import torch
 
     import importlib
@@ -455,6 +456,8 @@ def measure(prefix, device="cuda"):
     gn = importlib.import_module("bitfast.ops.group_norm")  # the module: bitfast.ops.group_norm is also the function
 
     report, copy, rows = json.loads(Path(f"{prefix}.json").read_text()), T.copy_gbps(device), []
+    meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+            "measured": True, "paths_planned": len(report["paths"])}
     for p in report["paths"]:
         x = torch.randn(p["N"], p["C"], p["H"], p["H"], device=device, dtype=torch.bfloat16)
         x = x.contiguous(memory_format=torch.channels_last) if p["layout"] == "nhwc" else x
@@ -465,17 +468,21 @@ def measure(prefix, device="cuda"):
                          (lambda: bwd(y, x, w, b, mean, rstd, GROUPS, True)), device).median_ms
         rows.append(dict(p, measured_ms=ms, predicted_ms=p["pred_time_s"] * 1e3, copy_gbps=copy,
                          gbps=T.gbps(p["min_bytes"], ms), measured_copy_frac=T.gbps(p["min_bytes"], ms) / copy))
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    meta = {"device": name, "torch": torch.__version__, "measured": True}
+        md = _save_measured(prefix, meta, rows)
+    print(md if rows else "no paths")
+    return 0
+
+
+def _save_measured(prefix, meta, rows):
     Path(f"{prefix}-measured.json").write_text(json.dumps({**meta, "paths": rows}, indent=1) + "\n")
     md = _table(["backend", "layout", "dir", "C×H²", "N", "launches", "bytes ÷ min (pred.)", "ms pred.", "ms meas.",
                  "GB/s (min bytes)", "copy frac pred.", "copy frac meas."],
                 [[r["backend"], r["layout"], r["direction"], f"{r['C']}×{r['H']}²", r["N"], r["launches"],
                   r["bytes_ratio"], f"{r['predicted_ms']:.4f}", f"{r['measured_ms']:.4f}", f"{r['gbps']:.0f}",
                   r["copy_frac"], f"{r['measured_copy_frac']:.2f}"] for r in rows])
-    Path(f"{prefix}-measured.md").write_text(f"# Budget vs measurement on {meta['device']}\n\n{md}\n")
-    print(md)
-    return 0
+    Path(f"{prefix}-measured.md").write_text(f"# Budget vs measurement on {meta['device']} "
+                                             f"({len(rows)} of {meta['paths_planned']} paths)\n\n{md}\n")
+    return md
 
 
 def main(prefix=None):
