@@ -17,13 +17,15 @@ DataLoader worker hands to the training loop; one torch thread, so the rate is p
                   gpu           nvjpeg decode + resize on the GPU (--decode gpu; CUDA only)
 
 All paths of one augmentation are timed alternately in one process (bench/_timing.alternate). Each row records
-images/s, the ratio to pil, and the largest pixel difference to pil's output. The table is printed at the end of
+images/s (wall clock), images per CPU-second of the thread (time.thread_time: the rate of one core, little moved
+by other jobs on shared cores), their ratios to pil, and the largest pixel difference to pil's output. The table is printed at the end of
 the module; the records go to the result JSON (suite "data").
 """
 import contextlib
 import functools
 import io
 import os
+import time
 
 import numpy as np
 import pytest
@@ -111,10 +113,10 @@ def table(request):
     if rows:
         lines = [f"# Input throughput: decode + augment, images/s per core ({T.device_name(torch.device('cpu'))}, "
                  f"1 torch thread, {len(PHOTOS)} photos ~400x350 q90, {'quick' if T.QUICK else 'full'} mode)", "",
-                 "| augmentation | path | images/s/core | × pil | max abs diff vs pil | note |",
-                 "|---|---|---|---|---|---|"]
-        lines += [f"| {r['aug']} | {r['path']} | {r['img_per_s']:.0f} | {r['ratio']:.2f} | {r['max_diff']} | "
-                  f"{r['note']} |" for r in rows]
+                 "| augmentation | path | images/s (wall, 1 thread) | × pil | images per CPU-second | × pil | "
+                 "max abs diff vs pil | note |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['aug']} | {r['path']} | {r['img_per_s']:.0f} | {r['ratio']:.2f} | {r['img_per_cpu_s']:.0f} | "
+                  f"{r['cpu_ratio']:.2f} | {r['max_diff']} | {r['note']} |" for r in rows]
         capture = request.config.pluginmanager.get_plugin("capturemanager")  # shown without -s too
         with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
             print("\n" + "\n".join(lines))
@@ -134,7 +136,14 @@ def test_decode_augment_throughput(aug, table):
             assert all(o.shape == r.shape and o.dtype == torch.uint8 and o.device.type == "cpu"
                        for o, r in zip(out, ref)), name
             diffs[name] = max(int((o.int() - r.int()).abs().max()) for o, r in zip(out, ref))
-        fns = {name: (lambda fn=fn: [fn(raw, seed, aug) for raw, seed in items]) for name, fn in PATHS.items()}
+        cpu_s = dict.fromkeys(PATHS, 0.0)
+
+        def timed(name, fn):  # also the thread's CPU time: what a core spends, whatever else shares the cores
+            t0 = time.thread_time()
+            [fn(raw, seed, aug) for raw, seed in items]
+            cpu_s[name] += time.thread_time() - t0
+
+        fns = {name: functools.partial(timed, name, fn) for name, fn in PATHS.items()}
         stats = T.alternate(fns, torch.device("cuda" if GPU else "cpu"), warmup=1, rounds=ROUNDS)
     finally:
         torch.set_num_threads(old)
@@ -147,9 +156,11 @@ def test_decode_augment_throughput(aug, table):
     records = []
     for name, st in stats.items():
         row = dict(aug=aug, path=name, img_per_s=len(items) / st.median_ms * 1e3, ratio=base / st.median_ms,
-                   max_diff=diffs[name], note=notes[name])
+                   img_per_cpu_s=len(items) * (ROUNDS + 1) / cpu_s[name], max_diff=diffs[name], note=notes[name])
+        row["cpu_ratio"] = row["img_per_cpu_s"] / (len(items) * (ROUNDS + 1) / cpu_s["pil"])
         table.append(row)
         records.append(T.record("data", f"{aug}/{name}", st, img_per_s=row["img_per_s"], speedup_vs_pil=row["ratio"],
+                                img_per_cpu_s=row["img_per_cpu_s"], cpu_speedup_vs_pil=row["cpu_ratio"],
                                 max_abs_diff_vs_pil=row["max_diff"],
                                 params=dict(aug=aug, path=name, images=len(items), threads=1)))
     T.write_records(records)
