@@ -17,6 +17,8 @@ import time
 import pytest
 import torch
 
+from bitfast.train import checkpoint as ck
+
 try:
     from test_train_shards import packed, pattern  # noqa: F401 (packed: a fixture)
     from test_train_tensorboard import assert_tb_matches_metrics
@@ -169,3 +171,22 @@ def test_sigterm_to_torchrun_checkpoints_within_the_bound_and_the_rerun_resumes(
         launches.fail("the resumed run failed")
     assert f"resuming from {out / 'last.pt'} at step 8" in again.log.read_text()
     assert_same_run(out, reference)
+
+
+def test_a_restart_waits_for_the_lock_that_a_killed_runs_data_workers_still_hold(tmp_path):
+    """A run killed with SIGKILL leaves its forked DataLoader workers holding its flock for a few seconds: the
+    lock file names a dead pid of this host, so the next run waits for them instead of failing (a lost restart)."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".lock").write_text(f"pid {dead.pid} on {socket.gethostname()}\n")  # what the killed run wrote
+    orphan = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR);"
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(2)",
+                               str(tmp_path / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert orphan.stdout.readline() == "locked\n"
+        t0 = time.time()
+        os.close(ck.lock_run_dir(str(tmp_path)))
+        assert time.time() - t0 > 0.5 and orphan.poll() is not None
+    finally:
+        orphan.kill()
+        orphan.wait()

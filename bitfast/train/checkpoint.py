@@ -81,7 +81,8 @@ def write_json(path, obj):
 
 def lock_run_dir(out):
     """Create `out`, take an exclusive flock on <out>/.lock (the kernel drops it when the process dies, however
-    it dies) and remove the .tmp files of a killed run. Returns the lock's fd; close it to release."""
+    it dies; its forked DataLoader workers hold it until they exit: see ORPHAN_WAIT_S) and remove the .tmp files
+    of a killed run. Returns the lock's fd; close it to release."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out}: is a file, not a directory")
     try:
@@ -89,21 +90,48 @@ def lock_run_dir(out):
         fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise ValueError(f"--out {out}: cannot use it as the run directory ({e.strerror})") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        if e.errno not in (errno.EAGAIN, errno.EACCES):
-            raise ValueError(f"--out {out}: cannot lock the run directory ({e.strerror})") from None
-        raise ValueError(f"--out {out}: another bitfast-train run is using this directory ({holder}); "
-                         "wait for it to end, or use another --out") from None
+    deadline = time.time() + ORPHAN_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as e:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            if e.errno in (errno.EAGAIN, errno.EACCES) and _gone(holder) and time.time() < deadline:
+                time.sleep(0.2)
+                continue
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise ValueError(f"--out {out}: cannot lock the run directory ({e.strerror})") from None
+            gone = (f"; it is gone, but processes it started still hold the lock after {ORPHAN_WAIT_S} s"
+                    if _gone(holder) else "")
+            raise ValueError(f"--out {out}: another bitfast-train run is using this directory ({holder}{gone}); "
+                             "wait for it to end, or use another --out") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
     for name in OUTPUTS:
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out, name + ".tmp"))
     return fd
+
+
+# A killed run's DataLoader workers (forked: they share its lock) notice within 5 s that it died, and exit after
+# the batch in hand; until then a restart (torchrun --max-restarts, a rerun) waits instead of failing.
+ORPHAN_WAIT_S = 30
+
+
+def _gone(holder):
+    """True when the lock file names a process of this host that no longer exists ("pid N on HOST")."""
+    words = holder.split()
+    if len(words) != 4 or words[0] != "pid" or words[2] != "on" or words[3] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(words[1]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return False
 
 
 def load(path, map_location="cpu"):
