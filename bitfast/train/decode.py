@@ -14,7 +14,8 @@
 
 data.py writes each transform once against `ops(img)`: PilOps for a PIL image, TensorOps for a uint8 tensor.
 Inception crops: Pillow resizes the box with filter taps reaching past its edges; the tensor path resizes the
-cropped box, so only the outermost output rows and columns can differ by more (tested bound).
+cropped box, so the output rows and columns within about one source pixel of the box's edges can differ by more
+(tested bound). In-memory arrays (Fashion-MNIST) have nothing to decode and keep Pillow in every mode.
 """
 import io
 import warnings
