@@ -26,16 +26,16 @@ except ImportError:  # tests/ as a package
     from tests.test_train_shards import packed, pattern  # noqa: F401
     from tests.test_train_tensorboard import assert_tb_matches_metrics
 
-# bitfast-train with one hook: at step PAUSE_AT, rank 1 (the first time only: no paused.* file yet) writes
+# bitfast-train with one hook: at step PAUSE_AT, rank PAUSE_RANK (the first time only: no paused.* file yet) writes
 # <out>/paused.<pid> and waits inside the step until a stop signal comes, so the test kills or stops a run that
 # is surely mid-step, with the checkpoint of step 6 on disk (ckpt-every 3).
 WORKER = textwrap.dedent("""
     import os, sys, time
     from bitfast.train import cli, loop
-    pause, step_fn = int(os.environ.get("PAUSE_AT", "-1")), loop.train_step
+    pause, rank, step_fn = int(os.environ.get("PAUSE_AT", "-1")), int(os.environ["PAUSE_RANK"]), loop.train_step
     def train_step(S, x, y, step, lr, stop):
         out = S.cfg.out
-        if step == pause and S.world.rank == 1 and not any(n.startswith("paused.") for n in os.listdir(out)):
+        if step == pause and S.world.rank == rank and not any(n.startswith("paused.") for n in os.listdir(out)):
             open(os.path.join(out, f"paused.{os.getpid()}"), "w").close()
             while stop.signum is None:
                 time.sleep(0.05)
@@ -59,14 +59,14 @@ class Launches:
     def __init__(self, tmp):
         self.tmp, self.procs = tmp, []
 
-    def start(self, name, torchrun_args, out, pause=False):
+    def start(self, name, torchrun_args, out, pause=None):
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path),
-                   PAUSE_AT=str(PAUSE_AT if pause else -1))
+                   PAUSE_AT=str(-1 if pause is None else PAUSE_AT), PAUSE_RANK=str(pause or 0))
         script = self.tmp / "worker.py"
         script.write_text(WORKER)
         cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args, str(script), "upstream",
                "--model", "bit_tiny", "--data", pattern(self.data), "--batch", "16", "--resolution", "20,16",
-               "--steps", "12", "--eval-every", "0", "--ckpt-every", "3", "--workers", "0", "--no-progress",
+               "--steps", "12", "--eval-every", "0", "--ckpt-every", "3", "--workers", "1", "--no-progress",
                "--out", str(out), "log_every=2", "stop_timeout=10"]
         log = open(self.tmp / f"{name}.log", "w")
         p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -142,10 +142,10 @@ def test_a_killed_worker_of_two_elastic_agents_restarts_and_resumes_to_the_same_
     out, port = launches.tmp / "out", free_port()
     agent = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=localhost:{port}",
              "--rdzv_id=elastic-test", "--max-restarts=1"]
-    agents = [launches.start(f"agent{i}", agent, out, pause=True) for i in (0, 1)]
+    agents = [launches.start(f"agent{i}", agent, out, pause=0) for i in (0, 1)]
     pid = launches.wait_for(out, "paused.", agents)
     assert torch.load(out / "last.pt", weights_only=True)["step"] == SAVED
-    os.kill(pid, signal.SIGKILL)  # the worker, not its agent
+    os.kill(pid, signal.SIGKILL)  # rank 0's worker (it holds the run's lock and writes the metrics), not its agent
     if launches.wait(*agents) != [0, 0]:
         launches.fail("an agent failed")
     logs = launches.logs()
@@ -157,7 +157,7 @@ def test_a_killed_worker_of_two_elastic_agents_restarts_and_resumes_to_the_same_
 
 def test_sigterm_to_torchrun_checkpoints_within_the_bound_and_the_rerun_resumes(launches, reference):
     out, standalone = launches.tmp / "out", ["--standalone", "--nproc_per_node=2"]
-    run = launches.start("stopped", standalone, out, pause=True)
+    run = launches.start("stopped", standalone, out, pause=1)
     launches.wait_for(out, "paused.", [run])
     t0 = time.time()
     run.send_signal(signal.SIGTERM)  # what Slurm and Kubernetes do: torchrun passes it to its workers
