@@ -45,10 +45,11 @@ stage_build() {
   else $PY -m pip install --no-build-isolation --no-deps -e . || return; fi
   $PY -m bitfast
 }
-TESTS="tests/test_group_norm.py tests/test_weight_standardize.py tests/test_backend.py tests/test_autotune.py"
+TESTS="tests/test_group_norm.py tests/test_weight_standardize.py tests/test_backend.py tests/test_autotune.py
+       tests/test_train_decode.py"  # -k below: the CUDA and Triton kernel cases, and nvjpeg against the CPU decode
 stage_test() {  # the CUDA and Triton cases (GPU tensors, fp64 criterion, both layouts, fp32/bf16/fp16)
-  if dry; then $PY -m pytest $TESTS -q --collect-only -k "cuda or triton"; return; fi
-  $PY -m pytest $TESTS -q -k "cuda or triton" --junitxml="$RUN/tests.xml" || return
+  if dry; then $PY -m pytest $TESTS -q --collect-only -k "cuda or triton or gpu_decode"; return; fi
+  $PY -m pytest $TESTS -q -k "cuda or triton or gpu_decode" --junitxml="$RUN/tests.xml" || return
   $PY -m bitfast --tune  # what autotune checks, times and picks on this GPU (the later stages use it)
 }
 stage_sanitize() {  # what the CPU emulation (csrc/emu, ctest) cannot model
