@@ -46,11 +46,11 @@ THRESHOLDS = {"spill_bytes": 0, "min_threads_per_sm": 512, "max_bytes_ratio": 1.
 # (kernel or path, metric) -> the predicted value today. The test fails if a value gets worse, if a miss appears
 # that is not listed, or if a listed one now meets its threshold (delete it then).
 KNOWN_MISSES = {  # predicted on 2026-12-02 from the kernels of 724b061 + balanced NHWC chunks (issue 13 item 2: remove)
-    ("cuda:nhwc_bwd_sums<__nv_bfloat16, 8, true>", "min_threads_per_sm"): 256,  # 183 registers: 1 block per SM
     ("triton:_nchw_fwd", "min_threads_per_sm"): 256,  # 230 registers at 2048x7^2 (BLOCK 4096): 2 programs of 128
     ("triton:_nchw_bwd", "min_threads_per_sm"): 256,  # 255 registers
     ("triton:_nchw_bwd", "spill_bytes"): 1032,  # at 2048x7^2
-    ("cuda nchw fwd", "max_bytes_ratio"): 1.245,  # resident groups (4 blocks/SM x 50 KB at 256x56^2) exceed L2
+    # resident groups (6 blocks/SM x 50 KB at 256x56^2, 4 before the bf16 packs became words) + y exceed L2
+    ("cuda nchw fwd", "max_bytes_ratio"): 1.497,
     ("cuda nchw bwd", "max_bytes_ratio"): 1.667,  # x and dy re-read from DRAM where groups are large
     ("cuda nhwc fwd", "max_bytes_ratio"): 1.2,  # a <= 24 MB chunk of x + its y (<= 48 MB) stream through L2
     ("triton nchw fwd", "max_bytes_ratio"): 1.5,

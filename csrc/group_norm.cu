@@ -19,6 +19,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "cuda_launch.h"
@@ -29,7 +30,8 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kRowsPerThread = 8;               // NHWC: K rows per thread, kept in registers
+constexpr int kRowsPerThread = 8;               // NHWC: K rows per thread
+constexpr int kRowBatch = 2;                    // NHWC bwd sums: rows loaded together, K / kRowBatch steps
 #ifndef BITFAST_GN_L2_BYTES  // the emulator tests set it small, to reach several chunks with small shapes
 #define BITFAST_GN_L2_BYTES (24ll << 20)
 #endif
@@ -44,8 +46,34 @@ template <> __device__ __forceinline__ float from_f<float>(float v) { return v; 
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-// V consecutive elements, loaded/stored as one 16-byte access when V * sizeof(T) == 16.
-template <typename T, int V> struct alignas(sizeof(T) * V) Pack { T v[V]; };
+__device__ __forceinline__ float bits_to_f(uint32_t u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+
+// V consecutive elements, loaded/stored as one 16-byte access when V * sizeof(T) == 16; get/put convert one element
+// from/to fp32. bf16 packs are held as 32-bit words, 2 elements each, and converted at use with a shift or a mask
+// (exact, like __bfloat162float): as 16-bit elements, ptxas moved every high half into a register of its own right
+// after the load (PRMT), doubling the registers of each pack held (nhwc_bwd_sums<bf16>: 183 registers vs 121 fp16).
+template <typename T, int V, bool Words = std::is_same<T, __nv_bfloat16>::value && V % 2 == 0> struct Pack;
+template <typename T, int V> struct alignas(sizeof(T) * V) Pack<T, V, false> {
+  T v[V];
+  __device__ __forceinline__ float get(int j) const { return to_f(v[j]); }
+  __device__ __forceinline__ void put(int j, float f) { v[j] = from_f<T>(f); }
+};
+template <typename T, int V> struct alignas(sizeof(T) * V) Pack<T, V, true> {
+  uint32_t w[V / 2];
+  __device__ __forceinline__ float get(int j) const { return bits_to_f(j % 2 ? w[j / 2] & 0xffff0000u : w[j / 2] << 16); }
+  __device__ __forceinline__ void put(int j, float f) {
+    const uint32_t h = __bfloat16_as_ushort(__float2bfloat16_rn(f));
+    w[j / 2] = j % 2 ? (w[j / 2] & 0xffffu) | (h << 16) : (w[j / 2] & 0xffff0000u) | h;
+  }
+};
 template <typename T, int V> __device__ __forceinline__ Pack<T, V> load(const T* p) {
   return *reinterpret_cast<const Pack<T, V>*>(p);
 }
@@ -132,7 +160,7 @@ __global__ void __launch_bounds__(kThreads) nchw_fwd(const T* __restrict__ x, T*
     for (int u = 0; u < U; ++u)
       if (u < np)
 #pragma unroll
-        for (int j = 0; j < V; ++j) s += to_f(p[u].v[j]) - x0;
+        for (int j = 0; j < V; ++j) s += p[u].get(j) - x0;
     const float cnt = float(np * V), cm = s / cnt;
     float q = 0.f;
 #pragma unroll
@@ -140,7 +168,7 @@ __global__ void __launch_bounds__(kThreads) nchw_fwd(const T* __restrict__ x, T*
       if (u < np)
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-          const float d = to_f(p[u].v[j]) - x0 - cm;
+          const float d = p[u].get(j) - x0 - cm;
           q += d * d;
         }
     m = merge(m, Mom{cnt, cm, q});
@@ -155,9 +183,9 @@ __global__ void __launch_bounds__(kThreads) nchw_fwd(const T* __restrict__ x, T*
     Pack<T, V> p = load<T, V>(xg + i);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      float z = __fmaf_rn(to_f(p.v[j]) - mu, k, h);
+      float z = __fmaf_rn(p.get(j) - mu, k, h);
       if (Relu) z = z < 0.f ? 0.f : z;
-      p.v[j] = from_f<T>(z);
+      p.put(j, z);
     }
     store<T, V>(yg + i, p);
   }
@@ -184,8 +212,8 @@ __global__ void __launch_bounds__(kThreads) nchw_bwd(const T* __restrict__ dy, c
       const Pack<T, V> px = load<T, V>(xg + i), pg = load<T, V>(gg + i);
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        const float xm = to_f(px.v[j]) - mu;
-        float dz = to_f(pg.v[j]);
+        const float xm = px.get(j) - mu;
+        float dz = pg.get(j);
         if (Relu) dz = __fmaf_rn(xm, k, h) <= 0.f ? 0.f : dz;
         s0 += dz;
         s1 += dz * xm;
@@ -211,10 +239,10 @@ __global__ void __launch_bounds__(kThreads) nchw_bwd(const T* __restrict__ dy, c
     Pack<T, V> out;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const float xm = to_f(px.v[j]) - mu;
-      float dz = to_f(pg.v[j]);
+      const float xm = px.get(j) - mu;
+      float dz = pg.get(j);
       if (Relu) dz = __fmaf_rn(xm, k, h) <= 0.f ? 0.f : dz;
-      out.v[j] = from_f<T>(dz * k + xm * q + r);
+      out.put(j, dz * k + xm * q + r);
     }
     store<T, V>(dxg + i, out);
   }
@@ -239,11 +267,11 @@ struct Tiles {
 // This thread's place in an NHWC tile: sample i of the chunk, block blk, channel vector cv, first row r.
 struct TileThread {
   int64_t i, blk, cv, r;
-  int tr, ct;
+  int tr, ct, cb;
   bool active;
   __device__ TileThread(const Tiles& t) {
     const int64_t id = blockIdx.x;
-    const int cb = int(id % t.CB);
+    cb = int(id % t.CB);
     blk = (id / t.CB) % t.B;
     i = id / (int64_t(t.CB) * t.B);
     ct = threadIdx.x % t.CT;
@@ -268,7 +296,7 @@ __global__ void __launch_bounds__(kThreads) nhwc_moments(const T* __restrict__ x
     const Pack<T, V> p0 = load<T, V>(xs);
     float sh[V];
 #pragma unroll
-    for (int j = 0; j < V; ++j) sh[j] = to_f(p0.v[j]);
+    for (int j = 0; j < V; ++j) sh[j] = p0.get(j);
     Pack<T, V> p[kRowsPerThread];
 #pragma unroll
     for (int k = 0; k < kRowsPerThread; ++k) {
@@ -279,7 +307,7 @@ __global__ void __launch_bounds__(kThreads) nhwc_moments(const T* __restrict__ x
     for (int k = 0; k < kRowsPerThread; ++k)
       if (k < cnt)
 #pragma unroll
-        for (int j = 0; j < V; ++j) mu[j] += to_f(p[k].v[j]) - sh[j];
+        for (int j = 0; j < V; ++j) mu[j] += p[k].get(j) - sh[j];
 #pragma unroll
     for (int j = 0; j < V; ++j) mu[j] = cnt > 0.f ? mu[j] / cnt : 0.f;
 #pragma unroll
@@ -287,7 +315,7 @@ __global__ void __launch_bounds__(kThreads) nhwc_moments(const T* __restrict__ x
       if (k < cnt)
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-          const float d = to_f(p[k].v[j]) - sh[j] - mu[j];
+          const float d = p[k].get(j) - sh[j] - mu[j];
           q[j] += d * d;
         }
   }
@@ -367,9 +395,9 @@ __global__ void __launch_bounds__(kThreads) nhwc_normalize(const T* __restrict__
     Pack<T, V> p = load<T, V>(x + off + r * t.C);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      float z = __fmaf_rn(to_f(p.v[j]) - mu[j], k[j], h[j]);
+      float z = __fmaf_rn(p.get(j) - mu[j], k[j], h[j]);
       if (Relu) z = z < 0.f ? 0.f : z;
-      p.v[j] = from_f<T>(z);
+      p.put(j, z);
     }
     store<T, V>(y + off + r * t.C, p);
   }
@@ -407,37 +435,43 @@ __global__ void __launch_bounds__(kThreads) nhwc_bwd_sums(const T* __restrict__ 
     const int64_t n = n0 + th.i, off = n * t.S * t.C + th.cv * V;
     float mu[V], k[V], h[V];
     bwd_coefs<V>(w, b, mean, rstd, n, th.cv, t.C, G, mu, k, h);
-    Pack<T, V> px[kRowsPerThread], pg[kRowsPerThread];
-    int cnt = 0;
+    // kRowBatch rows of x and dy in flight at a time: holding all K rows (and, for bf16, their unpacked floats,
+    // which ptxas hoisted next to the loads) took 183 registers, one block per SM.
+#pragma unroll 1
+    for (int k0 = 0; k0 < kRowsPerThread; k0 += kRowBatch) {
+      Pack<T, V> px[kRowBatch], pg[kRowBatch];
+      int cnt = 0;
 #pragma unroll
-    for (int kk = 0; kk < kRowsPerThread; ++kk) {
-      const int64_t r = th.r + int64_t(kk) * t.TR;
-      if (r < t.S) px[kk] = load<T, V>(x + off + r * t.C), pg[kk] = load<T, V>(dy + off + r * t.C), cnt = kk + 1;
+      for (int kk = 0; kk < kRowBatch; ++kk) {
+        const int64_t r = th.r + int64_t(k0 + kk) * t.TR;
+        if (r < t.S) px[kk] = load<T, V>(x + off + r * t.C), pg[kk] = load<T, V>(dy + off + r * t.C), cnt = kk + 1;
+      }
+      if (cnt == 0) break;
+#pragma unroll
+      for (int kk = 0; kk < kRowBatch; ++kk)
+        if (kk < cnt)
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            const float xm = px[kk].get(j) - mu[j];
+            float dz = pg[kk].get(j);
+            if (Relu) dz = __fmaf_rn(xm, k[j], h[j]) <= 0.f ? 0.f : dz;
+            a0[j] += dz;
+            a1[j] += dz * xm;
+          }
     }
-#pragma unroll
-    for (int kk = 0; kk < kRowsPerThread; ++kk)
-      if (kk < cnt)
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          const float xm = to_f(px[kk].v[j]) - mu[j];
-          float dz = to_f(pg[kk].v[j]);
-          if (Relu) dz = __fmaf_rn(xm, k[j], h[j]) <= 0.f ? 0.f : dz;
-          a0[j] += dz;
-          a1[j] += dz * xm;
-        }
   }
 #pragma unroll
   for (int j = 0; j < V; ++j) s_0[threadIdx.x * V + j] = a0[j], s_1[threadIdx.x * V + j] = a1[j];
   __syncthreads();
-  if (th.tr == 0 && th.cv < t.CV) {  // sum the row phases in order
-    const int64_t o = (th.i * t.B + th.blk) * t.C + th.cv * V;
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      float t0 = 0.f, t1 = 0.f;
-      for (int ph = 0; ph < t.TR; ++ph) t0 += s_0[(ph * t.CT + th.ct) * V + j], t1 += s_1[(ph * t.CT + th.ct) * V + j];
-      p0[o + j] = t0;
-      p1[o + j] = t1;
-    }
+  // Sum the row phases in order: one thread per channel of the tile (column u = ct * V + j of the shared arrays).
+  const int u = threadIdx.x, cols = t.CT * V;
+  const int64_t c = th.cb * int64_t(cols) + u;
+  if (u < cols && c < t.C) {
+    float t0 = 0.f, t1 = 0.f;
+    for (int ph = 0; ph < t.TR; ++ph) t0 += s_0[ph * cols + u], t1 += s_1[ph * cols + u];
+    const int64_t o = (th.i * t.B + th.blk) * t.C + c;
+    p0[o] = t0;
+    p1[o] = t1;
   }
 }
 
@@ -501,10 +535,10 @@ __global__ void __launch_bounds__(kThreads) nhwc_bwd_dx(const T* __restrict__ dy
     Pack<T, V> out;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const float xm = to_f(px.v[j]) - mu[j];
-      float dz = to_f(pg.v[j]);
+      const float xm = px.get(j) - mu[j];
+      float dz = pg.get(j);
       if (Relu) dz = __fmaf_rn(xm, k[j], h[j]) <= 0.f ? 0.f : dz;
-      out.v[j] = from_f<T>(dz * k[j] + xm * q[j] + r[j]);
+      out.put(j, dz * k[j] + xm * q[j] + r[j]);
     }
     store<T, V>(dx + off + row * t.C, out);
   }
