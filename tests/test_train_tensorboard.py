@@ -2,6 +2,9 @@
 one value per (tag, step), after a stop and a resume too."""
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -58,3 +61,32 @@ def test_event_file_equals_metrics_and_a_resume_writes_no_step_twice(tmp_path):
     assert len(os.listdir(tmp_path / "b" / "tb")) == 2  # one event file per invocation
     assert assert_tb_matches_metrics(tmp_path / "b") == {k: v for k, v in tb.items() if k != "train/img_s"} | {
         "train/img_s": tb_scalars(tmp_path / "b")["train/img_s"]}
+
+
+KILLED_AFTER_ROW = """
+import os, signal, sys
+from bitfast.train import cli, report
+write, count = report.Metrics.write, int(os.environ.get("KILL_AFTER_ROW", "0"))
+def write_then_kill(self, *a, **k):
+    write(self, *a, **k)
+    if a[1] == count:
+        os.kill(os.getpid(), signal.SIGKILL)
+report.Metrics.write = write_then_kill
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_kill_after_the_checkpoint_leaves_tensorboard_equal_to_metrics_after_the_resume(tmp_path):
+    """SIGKILL right after the train row of step 6 (checkpoint at 4): the rows before it are in the event file
+    (flushed with each row), those after 4 are purged by the resume and written again, once."""
+    args = ["transfer", "--model", "bit_tiny", "--data", "fashion-mnist-small:5-9", "--examples-per-class", "2",
+            "--batch", "8", "--steps", "8", "--resolution", "12,10", "--workers", "0", "--no-progress",
+            "--out", str(tmp_path), "log_every=1", "ckpt_every=4", "eval_every=0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    for kill in (6, 0):
+        p = subprocess.run([sys.executable, "-c", KILLED_AFTER_ROW, *args], env=dict(env, KILL_AFTER_ROW=str(kill)),
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == (-signal.SIGKILL if kill else 0), p.stdout[-2000:] + p.stderr[-2000:]
+    assert "resuming from" in p.stdout and "at step 4" in p.stdout
+    tb = assert_tb_matches_metrics(tmp_path)
+    assert [s for s, _ in tb["train/loss"]] == list(range(1, 9))
