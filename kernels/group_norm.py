@@ -6,12 +6,18 @@ common offset loses no bits); z = (x - mean) * (rstd * w) + b, y = relu(z). Back
 recomputed z > 0; per (n, c) sdz = sum dz, sdzxm = sum dz * (x - mean); dx = dz * rstd * w + (x - mean) * q + r.
 dweight/dbias are reduced over n in order by one program per channel block: no atomics, bit-identical reruns.
 
-NCHW, x (N, C, S): one program per (n, g) (its C/G * S elements are contiguous).
-NHWC, x (N, S, C) in memory: tiles of (BLOCK_R rows, BLOCK_C channels), loaded once, coalesced along C:
-  1. per tile, per-channel two-pass moments (backward: sums) -> partials (N, B, C);
+NCHW, x (N, C, S): one program per (n, g) (its C/G * S elements are contiguous). A group of <= NCHW_TILE elements
+is one register tile, read once (x, or x and dy); a larger one is read by tiles twice (statistics, then the output
+pass, re-read from L2) by wider programs, so that fewer groups are in flight per SM (see NCHW_TILE).
+NHWC, x (N, S, C) in memory: per chunk of samples whose x (backward: x and dy) fits L2_BYTES (as csrc/group_norm.cu),
+tiles of (BLOCK_R rows, BLOCK_C channels), loaded once, coalesced along C:
+  1. per tile, per-channel two-pass moments (backward: sums) -> partials (chunk samples, B, C);
   2. one program per (n, g) merges its channels' partials over the B row blocks, then the channels into the group;
-  3. the output pass on the same tiles.
+  3. the output pass on the same tiles, re-reading the chunk from L2.
+Element offsets: an int64 base per group (NCHW) or sample (NHWC), int32 offsets within it (fewer registers).
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -35,6 +41,15 @@ def _rsqrt(m2, count, eps, ACC: tl.constexpr):
         return div(1.0, tl.sqrt_rn(div(m2, count, ACC) + eps), ACC)  # tl.sqrt is the approximate one for fp32
 
 
+@triton.jit
+def _chan(cnt, mean, m2, nb, bm, bq, ACC: tl.constexpr):
+    """Chan's merge of (count, mean, M2) with a piece of nb elements, mean bm and M2 bq."""
+    tot = cnt + nb
+    delta = bm - mean
+    f = div(nb, tot, ACC)
+    return tot, mean + delta * f, m2 + bq + delta * delta * cnt * f
+
+
 # ------------------------------------------------------------------------------------------------ NCHW
 @triton.jit
 def _scale_shift(w_ptr, b_ptr, c, cm, rs, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
@@ -50,147 +65,179 @@ def _scale_shift(w_ptr, b_ptr, c, cm, rs, HAS_W: tl.constexpr, HAS_B: tl.constex
 
 
 @triton.jit
-def _nchw_fwd(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, G, D, S, eps, HAS_W: tl.constexpr,
-              HAS_B: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    ng = tl.program_id(0).to(tl.int64)
-    M = D * S
-    base = ng * M
-    x0 = tl.load(x_ptr + base).to(ACC)  # shift
-    offs = tl.arange(0, BLOCK)
-    cnt = x0 * 0  # ACC scalars (a float literal would be fp32 even for fp64 input)
-    mean = x0 * 0
-    m2 = x0 * 0
-    for i0 in range(0, M, BLOCK):  # two-pass per BLOCK piece, Chan merge across pieces
-        msk = i0 + offs < M
-        v = tl.where(msk, tl.load(x_ptr + base + i0 + offs, mask=msk, other=0.0).to(ACC) - x0, 0.0)
-        nb = tl.cast(tl.minimum(M - i0, BLOCK), ACC)
-        cm = div(tl.sum(v, 0), nb, ACC)
-        d = tl.where(msk, v - cm, 0.0)
-        q = tl.sum(d * d, 0)
-        n = cnt + nb
-        delta = cm - mean
-        f = div(nb, n, ACC)
-        mean = mean + delta * f
-        m2 = m2 + q + delta * delta * cnt * f
-        cnt = n
-    mu = x0 + mean
-    rs = _rsqrt(m2, tl.cast(M, ACC), eps, ACC)
-    tl.store(mean_ptr + ng, mu)
-    tl.store(rstd_ptr + ng, rs)
-    c0 = (ng % G) * D
-    rd = tl.arange(0, BLOCK_D)
-    rs_ = tl.arange(0, BLOCK_S)
-    for d0 in range(0, D, BLOCK_D):  # (BLOCK_D channels, BLOCK_S positions) tiles
-        dm = d0 + rd < D
-        k, h = _scale_shift(w_ptr, b_ptr, c0 + d0 + rd, dm, rs, HAS_W, HAS_B, ACC, BLOCK_D)
-        for s0 in range(0, S, BLOCK_S):
-            msk = dm[:, None] & (s0 + rs_ < S)[None, :]
-            o = base + (d0 + rd)[:, None] * S + (s0 + rs_)[None, :]
-            z = (tl.load(x_ptr + o, mask=msk, other=0.0).to(ACC) - mu) * k[:, None] + h[:, None]
-            if RELU:
-                z = tl.where(z < 0.0, 0.0, z)  # not tl.maximum: NaN stays NaN, as in torch.relu
-            tl.store(y_ptr + o, z.to(y_ptr.dtype.element_ty), mask=msk)
+def _weights(w_ptr, c, cm, HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    if HAS_W:
+        return tl.load(w_ptr + c, mask=cm, other=0.0)
+    else:
+        return tl.full([BLOCK], 1.0, ACC)
 
 
 @triton.jit
-def _centered_grad(x_ptr, dy_ptr, o, msk, mu, k, h, RELU: tl.constexpr, ACC: tl.constexpr):
-    """A (channels, positions) tile of x - mean and of dy, with dy zeroed where the recomputed ReLU was off."""
-    xm = tl.load(x_ptr + o, mask=msk, other=0.0).to(ACC) - mu
-    dz = tl.load(dy_ptr + o, mask=msk, other=0.0).to(ACC)
+def _nchw_fwd(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, G, D, S, eps, HAS_W: tl.constexpr,
+              HAS_B: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, ONE: tl.constexpr, BLOCK: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    ng = tl.program_id(0).to(tl.int64)
+    M = D * S
+    xg = x_ptr + ng * M  # the group's int64 base; offsets inside it are int32 (M < 2^31: the launcher checks)
+    yg = y_ptr + ng * M
+    c0 = (ng % G) * D
+    x0 = tl.load(xg).to(ACC)  # shift
+    rd = tl.arange(0, BLOCK_D)
+    rs_ = tl.arange(0, BLOCK_S)
+    tile = rd[:, None] * S + rs_[None, :]  # (BLOCK_D channels, BLOCK_S positions), int32
+    if ONE:  # the whole group is one tile: x is read once and normalized from registers
+        dm = rd < D
+        msk = dm[:, None] & (rs_ < S)[None, :]
+        v = tl.where(msk, tl.load(xg + tile, mask=msk, other=0.0).to(ACC) - x0, 0.0)
+        mean = div(tl.sum(tl.sum(v, 1), 0), tl.cast(M, ACC), ACC)
+        d = tl.where(msk, v - mean, 0.0)
+        rs = _rsqrt(tl.sum(tl.sum(d * d, 1), 0), tl.cast(M, ACC), eps, ACC)
+        tl.store(mean_ptr + ng, x0 + mean)
+        tl.store(rstd_ptr + ng, rs)
+        k, h = _scale_shift(w_ptr, b_ptr, c0 + rd, dm, rs, HAS_W, HAS_B, ACC, BLOCK_D)
+        z = d * k[:, None] + h[:, None]
+        if RELU:
+            z = tl.where(z < 0.0, 0.0, z)  # not tl.maximum: NaN stays NaN, as in torch.relu
+        tl.store(yg + tile, z.to(y_ptr.dtype.element_ty), mask=msk)
+    else:  # stats over flat BLOCK pieces, then the output pass over (channels, positions) tiles (an L2 re-read)
+        offs = tl.arange(0, BLOCK)
+        cnt = x0 * 0  # ACC scalars (a float literal would be fp32 even for fp64 input)
+        mean = x0 * 0
+        m2 = x0 * 0
+        for i0 in range(0, M, BLOCK):  # two-pass per BLOCK piece, Chan merge across pieces
+            msk = i0 + offs < M
+            v = tl.where(msk, tl.load(xg + i0 + offs, mask=msk, other=0.0).to(ACC) - x0, 0.0)
+            nb = tl.cast(tl.minimum(M - i0, BLOCK), ACC)
+            cm = div(tl.sum(v, 0), nb, ACC)
+            d = tl.where(msk, v - cm, 0.0)
+            cnt, mean, m2 = _chan(cnt, mean, m2, nb, cm, tl.sum(d * d, 0), ACC)
+        mu = x0 + mean
+        rs = _rsqrt(m2, tl.cast(M, ACC), eps, ACC)
+        tl.store(mean_ptr + ng, mu)
+        tl.store(rstd_ptr + ng, rs)
+        for d0 in range(0, D, BLOCK_D):
+            dm = d0 + rd < D
+            k, h = _scale_shift(w_ptr, b_ptr, c0 + d0 + rd, dm, rs, HAS_W, HAS_B, ACC, BLOCK_D)
+            for s0 in range(0, S, BLOCK_S):
+                msk = dm[:, None] & (s0 + rs_ < S)[None, :]
+                o = d0 * S + s0 + tile
+                z = (tl.load(xg + o, mask=msk, other=0.0).to(ACC) - mu) * k[:, None] + h[:, None]
+                if RELU:
+                    z = tl.where(z < 0.0, 0.0, z)
+                tl.store(yg + o, z.to(y_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _centered_grad(xg, dyg, o, msk, mu, k, h, RELU: tl.constexpr, ACC: tl.constexpr):
+    """A (channels, positions) tile of x - mean and of dy, zeroed outside msk and where the recomputed ReLU was off."""
+    xm = tl.load(xg + o, mask=msk, other=0.0).to(ACC) - mu
+    dz = tl.load(dyg + o, mask=msk, other=0.0).to(ACC)
     if RELU:
         dz = tl.where(xm * k[:, None] + h[:, None] <= 0.0, 0.0, dz)
-    return xm, dz
+    return xm, tl.where(msk, dz, 0.0)
 
 
 @triton.jit
 def _nchw_bwd(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sdz_ptr, sdzxm_ptr, G, D, S,
-              HAS_W: tl.constexpr, HAS_B: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
+              HAS_W: tl.constexpr, HAS_B: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, ONE: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     ng = tl.program_id(0).to(tl.int64)
     M = D * S
-    base = ng * M
+    xg = x_ptr + ng * M  # int64 bases, int32 offsets
+    dyg = dy_ptr + ng * M
+    dxg = dx_ptr + ng * M
     c0 = (ng % G) * D
     nc0 = (ng // G) * G * D + c0  # (n, c0) in the (N, C) sums
     mu = tl.load(mean_ptr + ng)
     rs = tl.load(rstd_ptr + ng)
     rd = tl.arange(0, BLOCK_D)
     rs_ = tl.arange(0, BLOCK_S)
-    gw = mu * 0  # ACC scalars
-    gwxm = mu * 0
-    for d0 in range(0, D, BLOCK_D):  # per-channel sums of dz and dz * (x - mean)
-        dm = d0 + rd < D
-        wc = tl.full([BLOCK_D], 1.0, ACC)
-        if HAS_W:
-            wc = tl.load(w_ptr + c0 + d0 + rd, mask=dm, other=0.0)
-        h = tl.zeros([BLOCK_D], ACC)
-        if HAS_B:
-            h = tl.load(b_ptr + c0 + d0 + rd, mask=dm, other=0.0).to(ACC)
-        k = wc * rs
-        a0 = tl.zeros([BLOCK_D, BLOCK_S], ACC)
-        a1 = tl.zeros([BLOCK_D, BLOCK_S], ACC)
-        for s0 in range(0, S, BLOCK_S):
-            msk = dm[:, None] & (s0 + rs_ < S)[None, :]
-            o = base + (d0 + rd)[:, None] * S + (s0 + rs_)[None, :]
-            xm, dz = _centered_grad(x_ptr, dy_ptr, o, msk, mu, k, h, RELU, ACC)
-            dz = tl.where(msk, dz, 0.0)
-            a0 += dz
-            a1 += dz * xm
-        t0 = tl.sum(a0, 1)
-        t1 = tl.sum(a1, 1)
-        tl.store(sdz_ptr + nc0 + d0 + rd, t0, mask=dm)
-        tl.store(sdzxm_ptr + nc0 + d0 + rd, t1, mask=dm)
-        gw += tl.sum(tl.where(dm, wc * t0, 0.0), 0)
-        gwxm += tl.sum(tl.where(dm, wc * t1, 0.0), 0)
-    c1 = div(gw, tl.cast(M, ACC), ACC)
-    c2 = div(rs * gwxm, tl.cast(M, ACC), ACC)
-    q = -rs * rs * c2
-    r = -rs * c1
-    for d0 in range(0, D, BLOCK_D):
-        dm = d0 + rd < D
-        k, h = _scale_shift(w_ptr, b_ptr, c0 + d0 + rd, dm, rs, HAS_W, HAS_B, ACC, BLOCK_D)
-        for s0 in range(0, S, BLOCK_S):
-            msk = dm[:, None] & (s0 + rs_ < S)[None, :]
-            o = base + (d0 + rd)[:, None] * S + (s0 + rs_)[None, :]
-            xm, dz = _centered_grad(x_ptr, dy_ptr, o, msk, mu, k, h, RELU, ACC)
-            dx = dz * k[:, None] + xm * q + r
-            tl.store(dx_ptr + o, dx.to(dx_ptr.dtype.element_ty), mask=msk)
+    tile = rd[:, None] * S + rs_[None, :]
+    if ONE:  # the whole group is one tile: x and dy are read once, dx computed from registers
+        dm = rd < D
+        msk = dm[:, None] & (rs_ < S)[None, :]
+        k, h = _scale_shift(w_ptr, b_ptr, c0 + rd, dm, rs, HAS_W, HAS_B, ACC, BLOCK_D)
+        xm, dz = _centered_grad(xg, dyg, tile, msk, mu, k, h, RELU, ACC)
+        t0 = tl.sum(dz, 1)
+        t1 = tl.sum(dz * xm, 1)
+        tl.store(sdz_ptr + nc0 + rd, t0, mask=dm)
+        tl.store(sdzxm_ptr + nc0 + rd, t1, mask=dm)
+        wc = _weights(w_ptr, c0 + rd, dm, HAS_W, ACC, BLOCK_D)
+        c1 = div(tl.sum(tl.where(dm, wc * t0, 0.0), 0), tl.cast(M, ACC), ACC)
+        c2 = div(rs * tl.sum(tl.where(dm, wc * t1, 0.0), 0), tl.cast(M, ACC), ACC)
+        dx = dz * k[:, None] + xm * (-rs * rs * c2) + (-rs * c1)
+        tl.store(dxg + tile, dx.to(dx_ptr.dtype.element_ty), mask=msk)
+    else:
+        gw = mu * 0  # ACC scalars
+        gwxm = mu * 0
+        for d0 in range(0, D, BLOCK_D):  # per-channel sums of dz and dz * (x - mean)
+            dm = d0 + rd < D
+            k, h = _scale_shift(w_ptr, b_ptr, c0 + d0 + rd, dm, rs, HAS_W, HAS_B, ACC, BLOCK_D)
+            t0 = tl.zeros([BLOCK_D], ACC)
+            t1 = tl.zeros([BLOCK_D], ACC)
+            for s0 in range(0, S, BLOCK_S):  # row sums per tile: no (BLOCK_D, BLOCK_S) accumulators to hold
+                msk = dm[:, None] & (s0 + rs_ < S)[None, :]
+                xm, dz = _centered_grad(xg, dyg, d0 * S + s0 + tile, msk, mu, k, h, RELU, ACC)
+                t0 += tl.sum(dz, 1)
+                t1 += tl.sum(dz * xm, 1)
+            tl.store(sdz_ptr + nc0 + d0 + rd, t0, mask=dm)
+            tl.store(sdzxm_ptr + nc0 + d0 + rd, t1, mask=dm)
+            wc = _weights(w_ptr, c0 + d0 + rd, dm, HAS_W, ACC, BLOCK_D)
+            gw += tl.sum(tl.where(dm, wc * t0, 0.0), 0)
+            gwxm += tl.sum(tl.where(dm, wc * t1, 0.0), 0)
+        c1 = div(gw, tl.cast(M, ACC), ACC)
+        c2 = div(rs * gwxm, tl.cast(M, ACC), ACC)
+        q = -rs * rs * c2
+        r = -rs * c1
+        for d0 in range(0, D, BLOCK_D):
+            dm = d0 + rd < D
+            k, h = _scale_shift(w_ptr, b_ptr, c0 + d0 + rd, dm, rs, HAS_W, HAS_B, ACC, BLOCK_D)
+            for s0 in range(0, S, BLOCK_S):
+                msk = dm[:, None] & (s0 + rs_ < S)[None, :]
+                o = d0 * S + s0 + tile
+                xm, dz = _centered_grad(xg, dyg, o, msk, mu, k, h, RELU, ACC)
+                dx = dz * k[:, None] + xm * q + r
+                tl.store(dxg + o, dx.to(dx_ptr.dtype.element_ty), mask=msk)
 
 
 # ------------------------------------------------------------------------------------------------ NHWC
 @triton.jit
-def _nhwc_tile(pid, S, C, NB, NCB, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Program pid -> (n, row block, element offsets (BLOCK_R, BLOCK_C), tile mask, channels, channel mask)."""
+def _nhwc_tile(pid, n0, S, C, NB, NCB, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program pid of the chunk from sample n0 -> (n, its partials row (i * NB + blk) * C, the sample's int64 base
+    offset n * S * C, int32 element offsets (BLOCK_R, BLOCK_C) in the sample, tile mask, channels, channel mask)."""
     pid = pid.to(tl.int64)
-    cb = pid % NCB
-    blk = (pid // NCB) % NB
-    n = pid // (NCB * NB)
+    cb = (pid % NCB).to(tl.int32)
+    blk = ((pid // NCB) % NB).to(tl.int32)
+    i = pid // (NCB * NB)  # sample within the chunk
     rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
     ch = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = ch < C
     msk = (rows < S)[:, None] & cm[None, :]
-    offs = n * S * C + rows[:, None] * C + ch[None, :]
-    return n, blk, offs, msk, ch, cm
+    n = n0 + i
+    return n, (i * NB + blk) * C, n * S * C, rows[:, None] * C + ch[None, :], msk, ch, cm
 
 
 @triton.jit
-def _nhwc_moments(x_ptr, pm_ptr, pq_ptr, S, C, NB, NCB, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
+def _nhwc_moments(x_ptr, pm_ptr, pq_ptr, n0, S, C, NB, NCB, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
                   BLOCK_C: tl.constexpr):
-    n, blk, offs, msk, ch, cm = _nhwc_tile(tl.program_id(0), S, C, NB, NCB, BLOCK_R, BLOCK_C)
-    x0 = tl.load(x_ptr + n * S * C + ch, mask=cm, other=0.0).to(ACC)  # row 0 of the sample: the shift
-    v = tl.where(msk, tl.load(x_ptr + offs, mask=msk, other=0.0).to(ACC) - x0[None, :], 0.0)
+    pid = tl.program_id(0)
+    n, prow, so, offs, msk, ch, cm = _nhwc_tile(pid, n0, S, C, NB, NCB, BLOCK_R, BLOCK_C)
+    xs = x_ptr + so
+    x0 = tl.load(xs + ch, mask=cm, other=0.0).to(ACC)  # row 0 of the sample: the shift
+    v = tl.where(msk, tl.load(xs + offs, mask=msk, other=0.0).to(ACC) - x0[None, :], 0.0)
+    blk = (pid // NCB) % NB
     cnt = tl.cast(tl.minimum(S - blk * BLOCK_R, BLOCK_R), ACC)
     mu = div(tl.sum(v, 0), cnt, ACC)
     d = tl.where(msk, v - mu[None, :], 0.0)
-    o = (n * NB + blk) * C + ch
+    o = prow + ch
     tl.store(pm_ptr + o, mu, mask=cm)
     tl.store(pq_ptr + o, tl.sum(d * d, 0), mask=cm)
 
 
 @triton.jit
-def _nhwc_group_stats(x_ptr, pm_ptr, pq_ptr, mean_ptr, rstd_ptr, S, C, G, D, NB, eps, ACC: tl.constexpr,
+def _nhwc_group_stats(x_ptr, pm_ptr, pq_ptr, mean_ptr, rstd_ptr, n0, S, C, G, D, NB, eps, ACC: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    ng = tl.program_id(0).to(tl.int64)
+    ng = n0 * G + tl.program_id(0).to(tl.int64)  # one program per (n, g) of the chunk
     n = ng // G
     c0 = (ng % G) * D
     rd = tl.arange(0, BLOCK_D)
@@ -199,16 +246,11 @@ def _nhwc_group_stats(x_ptr, pm_ptr, pq_ptr, mean_ptr, rstd_ptr, S, C, G, D, NB,
     mean = tl.zeros([BLOCK_D], ACC)
     m2 = tl.zeros([BLOCK_D], ACC)
     for blk in range(0, NB):  # per channel, merge the row blocks in order
-        o = (n * NB + blk) * C + c0 + rd
+        o = ((n - n0) * NB + blk) * C + c0 + rd
         nb = tl.cast(tl.minimum(S - blk * BLOCK_R, BLOCK_R), ACC)
         bm = tl.load(pm_ptr + o, mask=dm, other=0.0)
         bq = tl.load(pq_ptr + o, mask=dm, other=0.0)
-        tot = cnt + nb
-        delta = bm - mean
-        f = div(nb, tot, ACC)
-        mean = mean + delta * f
-        m2 = m2 + bq + delta * delta * cnt * f
-        cnt = tot
+        cnt, mean, m2 = _chan(cnt, mean, m2, nb, bm, bq, ACC)
     x0 = tl.load(x_ptr + n * S * C + c0 + rd, mask=dm, other=0.0).to(ACC)
     ref = tl.load(x_ptr + n * S * C + c0).to(ACC)
     mean = tl.where(dm, mean + (x0 - ref), 0.0)  # channel means relative to ref
@@ -235,37 +277,37 @@ def _nhwc_coefs(w_ptr, b_ptr, mean_ptr, rstd_ptr, n, ch, cm, G, D, HAS_W: tl.con
 
 
 @triton.jit
-def _nhwc_normalize(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, S, C, G, D, NB, NCB, HAS_W: tl.constexpr,
+def _nhwc_normalize(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, n0, S, C, G, D, NB, NCB, HAS_W: tl.constexpr,
                     HAS_B: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
                     BLOCK_C: tl.constexpr):
-    n, blk, offs, msk, ch, cm = _nhwc_tile(tl.program_id(0), S, C, NB, NCB, BLOCK_R, BLOCK_C)
+    n, prow, so, offs, msk, ch, cm = _nhwc_tile(tl.program_id(0), n0, S, C, NB, NCB, BLOCK_R, BLOCK_C)
     mu, k, h = _nhwc_coefs(w_ptr, b_ptr, mean_ptr, rstd_ptr, n, ch, cm, G, D, HAS_W, HAS_B, ACC)
-    z = (tl.load(x_ptr + offs, mask=msk, other=0.0).to(ACC) - mu[None, :]) * k[None, :] + h[None, :]
+    z = (tl.load(x_ptr + so + offs, mask=msk, other=0.0).to(ACC) - mu[None, :]) * k[None, :] + h[None, :]
     if RELU:
         z = tl.where(z < 0.0, 0.0, z)  # NaN stays NaN
-    tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=msk)
+    tl.store(y_ptr + so + offs, z.to(y_ptr.dtype.element_ty), mask=msk)
 
 
 @triton.jit
-def _nhwc_bwd_sums(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, p0_ptr, p1_ptr, S, C, G, D, NB, NCB,
+def _nhwc_bwd_sums(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, p0_ptr, p1_ptr, n0, S, C, G, D, NB, NCB,
                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    n, blk, offs, msk, ch, cm = _nhwc_tile(tl.program_id(0), S, C, NB, NCB, BLOCK_R, BLOCK_C)
+    n, prow, so, offs, msk, ch, cm = _nhwc_tile(tl.program_id(0), n0, S, C, NB, NCB, BLOCK_R, BLOCK_C)
     mu, k, h = _nhwc_coefs(w_ptr, b_ptr, mean_ptr, rstd_ptr, n, ch, cm, G, D, HAS_W, HAS_B, ACC)
-    xm = tl.load(x_ptr + offs, mask=msk, other=0.0).to(ACC) - mu[None, :]
-    dz = tl.load(dy_ptr + offs, mask=msk, other=0.0).to(ACC)
+    xm = tl.load(x_ptr + so + offs, mask=msk, other=0.0).to(ACC) - mu[None, :]
+    dz = tl.load(dy_ptr + so + offs, mask=msk, other=0.0).to(ACC)
     if RELU:
         dz = tl.where(xm * k[None, :] + h[None, :] <= 0.0, 0.0, dz)
     dz = tl.where(msk, dz, 0.0)
-    o = (n * NB + blk) * C + ch
+    o = prow + ch
     tl.store(p0_ptr + o, tl.sum(dz, 0), mask=cm)
     tl.store(p1_ptr + o, tl.sum(dz * xm, 0), mask=cm)
 
 
 @triton.jit
-def _nhwc_bwd_group(p0_ptr, p1_ptr, w_ptr, rstd_ptr, sdz_ptr, sdzxm_ptr, qr_ptr, S, C, G, D, NB,
+def _nhwc_bwd_group(p0_ptr, p1_ptr, w_ptr, rstd_ptr, sdz_ptr, sdzxm_ptr, qr_ptr, n0, S, C, G, D, NB,
                     HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
-    ng = tl.program_id(0).to(tl.int64)
+    ng = n0 * G + tl.program_id(0).to(tl.int64)  # one program per (n, g) of the chunk
     n = ng // G
     c0 = (ng % G) * D
     rd = tl.arange(0, BLOCK_D)
@@ -273,7 +315,7 @@ def _nhwc_bwd_group(p0_ptr, p1_ptr, w_ptr, rstd_ptr, sdz_ptr, sdzxm_ptr, qr_ptr,
     t0 = tl.zeros([BLOCK_D], ACC)
     t1 = tl.zeros([BLOCK_D], ACC)
     for blk in range(0, NB):  # row blocks in order
-        o = (n * NB + blk) * C + c0 + rd
+        o = ((n - n0) * NB + blk) * C + c0 + rd
         t0 += tl.load(p0_ptr + o, mask=dm, other=0.0)
         t1 += tl.load(p1_ptr + o, mask=dm, other=0.0)
     tl.store(sdz_ptr + n * C + c0 + rd, t0, mask=dm)
@@ -290,20 +332,20 @@ def _nhwc_bwd_group(p0_ptr, p1_ptr, w_ptr, rstd_ptr, sdz_ptr, sdzxm_ptr, qr_ptr,
 
 
 @triton.jit
-def _nhwc_bwd_dx(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, qr_ptr, S, C, G, D, NB, NCB,
+def _nhwc_bwd_dx(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, qr_ptr, n0, S, C, G, D, NB, NCB,
                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    n, blk, offs, msk, ch, cm = _nhwc_tile(tl.program_id(0), S, C, NB, NCB, BLOCK_R, BLOCK_C)
+    n, prow, so, offs, msk, ch, cm = _nhwc_tile(tl.program_id(0), n0, S, C, NB, NCB, BLOCK_R, BLOCK_C)
     mu, k, h = _nhwc_coefs(w_ptr, b_ptr, mean_ptr, rstd_ptr, n, ch, cm, G, D, HAS_W, HAS_B, ACC)
     ng = n * G + ch // D
     q = tl.load(qr_ptr + 2 * ng, mask=cm, other=0.0)
     r = tl.load(qr_ptr + 2 * ng + 1, mask=cm, other=0.0)
-    xm = tl.load(x_ptr + offs, mask=msk, other=0.0).to(ACC) - mu[None, :]
-    dz = tl.load(dy_ptr + offs, mask=msk, other=0.0).to(ACC)
+    xm = tl.load(x_ptr + so + offs, mask=msk, other=0.0).to(ACC) - mu[None, :]
+    dz = tl.load(dy_ptr + so + offs, mask=msk, other=0.0).to(ACC)
     if RELU:
         dz = tl.where(xm * k[None, :] + h[None, :] <= 0.0, 0.0, dz)
     dx = dz * k[None, :] + xm * q[None, :] + r[None, :]
-    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=msk)
+    tl.store(dx_ptr + so + offs, dx.to(dx_ptr.dtype.element_ty), mask=msk)
 
 
 @triton.jit
@@ -326,6 +368,13 @@ def _p2(v):
     return triton.next_power_of_2(max(int(v), 1))
 
 
+def _int32(v, what):
+    """v, checked to fit the int32 offsets the kernels take inside one group or one sample (on an int64 base)."""
+    if v >= 2**31:
+        raise ValueError(f"group_norm (triton): {what} has {v} >= 2^31 elements")
+    return v
+
+
 def _geometry(x, num_groups):
     """(N, C, S, D, channels_last) of a dense x: contiguous is NCHW, anything else is channels_last (N, S, C)."""
     N, C = x.shape[:2]
@@ -333,9 +382,39 @@ def _geometry(x, num_groups):
     return N, C, S, C // num_groups, not x.is_contiguous()
 
 
-def _nchw_blocks(D, S):
-    bs = min(_p2(S), 1024)
-    return min(_p2(D), max(1, 4096 // bs)), bs
+# NCHW programs: int32 offsets on the group's int64 base. A group that fits one tile of NCHW_TILE elements (8 warps,
+# 16 per thread) is read once, from registers (ONE). A larger one is read twice (statistics, then the output pass,
+# an L2 re-read) by programs of 16 warps over larger tiles (16 per thread forward, 8 backward, which holds x and dy):
+# fewer, wider programs per SM keep fewer groups in flight, so that the re-read still finds its group in L2.
+# All <= 128 registers, no spills: 2+ programs of 256 threads (or 1+ of 512) per SM at every BiT shape.
+NCHW_TILE, NCHW_WARPS = 4096, 8
+NCHW_BIG = {"fwd": 8192, "bwd": 2048}, 16  # (tile by direction, warps) when the group is larger than NCHW_TILE
+
+
+def _nchw_blocks(D, S, direction="fwd"):
+    """(BLOCK_D, BLOCK_S, ONE, num_warps): (channels, positions) tiles; ONE when one tile holds the group."""
+    def fit(tile):
+        bs = min(_p2(S), tile)
+        bd = min(_p2(D), max(1, tile // bs))
+        return bd, bs, bd >= D and bs >= S
+
+    bd, bs, one = fit(NCHW_TILE)
+    if one:
+        return bd, bs, True, NCHW_WARPS
+    return fit(NCHW_BIG[0][direction])[:2] + (False, NCHW_BIG[1])
+
+
+# NHWC: samples per chunk such that a chunk's x (backward: x and dy) fits this many bytes of L2, so the output pass
+# re-reads it from L2. The same knob and the same balanced chunks as csrc/group_norm.cu (BITFAST_GN_L2_BYTES there
+# is a compile-time define; here the environment variable, read at import, or this attribute: tests lower it).
+L2_BYTES = int(os.environ.get("BITFAST_GN_L2_BYTES", 24 << 20))
+
+
+def chunk_samples(N, S_C, nbytes):
+    """Samples per NHWC chunk: as many as fit L2_BYTES (at least 1), balanced: ceil(N / chunks), so that no 1-2
+    sample tail chunk runs a fraction of a wave on its own."""
+    cap = max(1, min(N, L2_BYTES // max(1, S_C * nbytes)))
+    return -(-N // -(-N // cap))
 
 
 def _nhwc_blocks(C):
@@ -362,19 +441,23 @@ def group_norm_fwd(x, weight, bias, num_groups, eps, relu):
     w, b, has_w, has_b = _flags(weight, bias, x)
     ACC, eps = _acc(x.dtype), eps_arg(eps, acc_t, x.device)
     if not cl:
-        bd, bs = _nchw_blocks(D, S)
-        _nchw_fwd[(N * G,)](x, y, w, b, mean, rstd, G, D, S, eps, has_w, has_b, relu, ACC,
-                            BLOCK=min(_p2(D * S), 4096), BLOCK_D=bd, BLOCK_S=bs)
+        bd, bs, one, nw = _nchw_blocks(_int32(D * S, "a group") // S, S)
+        _nchw_fwd[(N * G,)](x, y, w, b, mean, rstd, G, D, S, eps, has_w, has_b, relu, ACC, one,
+                            BLOCK=min(_p2(D * S), bd * bs), BLOCK_D=bd, BLOCK_S=bs, num_warps=nw, num_stages=1)
         return y, mean, rstd
     br, bc = _nhwc_blocks(C)
     NB, NCB = triton.cdiv(S, br), triton.cdiv(C, bc)
-    pm = torch.empty((N, NB, C), dtype=acc_t, device=x.device)
+    NS = chunk_samples(N, _int32(S * C, "a sample"), x.element_size())
+    pm = torch.empty((NS, NB, C), dtype=acc_t, device=x.device)  # one chunk's partials, reused (stream order)
     pq = torch.empty_like(pm)
-    tiles = (N * NB * NCB,)
-    _nhwc_moments[tiles](x, pm, pq, S, C, NB, NCB, ACC, BLOCK_R=br, BLOCK_C=bc)
-    _nhwc_group_stats[(N * G,)](x, pm, pq, mean, rstd, S, C, G, D, NB, eps, ACC, BLOCK_R=br, BLOCK_D=_p2(D))
-    _nhwc_normalize[tiles](x, y, w, b, mean, rstd, S, C, G, D, NB, NCB, has_w, has_b, relu, ACC,
-                           BLOCK_R=br, BLOCK_C=bc)
+    for n0 in range(0, N, NS):  # x of a chunk is re-read by _nhwc_normalize from L2
+        ns = min(NS, N - n0)
+        tiles = (ns * NB * NCB,)
+        _nhwc_moments[tiles](x, pm, pq, n0, S, C, NB, NCB, ACC, BLOCK_R=br, BLOCK_C=bc)
+        _nhwc_group_stats[(ns * G,)](x, pm, pq, mean, rstd, n0, S, C, G, D, NB, eps, ACC, BLOCK_R=br,
+                                     BLOCK_D=_p2(D))
+        _nhwc_normalize[tiles](x, y, w, b, mean, rstd, n0, S, C, G, D, NB, NCB, has_w, has_b, relu, ACC,
+                               BLOCK_R=br, BLOCK_C=bc)
     return y, mean, rstd
 
 
@@ -393,21 +476,25 @@ def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, relu):
     sdz = torch.empty((N, C), dtype=acc_t, device=x.device)
     sdzxm = torch.empty_like(sdz)
     if not cl:
-        bd, bs = _nchw_blocks(D, S)
-        _nchw_bwd[(N * G,)](dy, x, dx, w, b, mean, rstd, sdz, sdzxm, G, D, S, has_w, has_b, relu, ACC,
-                            BLOCK_D=bd, BLOCK_S=bs)
+        bd, bs, one, nw = _nchw_blocks(_int32(D * S, "a group") // S, S, "bwd")
+        _nchw_bwd[(N * G,)](dy, x, dx, w, b, mean, rstd, sdz, sdzxm, G, D, S, has_w, has_b, relu, ACC, one,
+                            BLOCK_D=bd, BLOCK_S=bs, num_warps=nw, num_stages=1)
     else:
         br, bc = _nhwc_blocks(C)
         NB, NCB = triton.cdiv(S, br), triton.cdiv(C, bc)
-        p0 = torch.empty((N, NB, C), dtype=acc_t, device=x.device)
+        NS = chunk_samples(N, _int32(S * C, "a sample"), 2 * x.element_size())  # x and dy of a chunk fit L2
+        p0 = torch.empty((NS, NB, C), dtype=acc_t, device=x.device)
         p1 = torch.empty_like(p0)
         qr = torch.empty((N, G, 2), dtype=acc_t, device=x.device)
-        tiles = (N * NB * NCB,)
-        _nhwc_bwd_sums[tiles](dy, x, w, b, mean, rstd, p0, p1, S, C, G, D, NB, NCB, has_w, has_b, relu, ACC,
-                              BLOCK_R=br, BLOCK_C=bc)
-        _nhwc_bwd_group[(N * G,)](p0, p1, w, rstd, sdz, sdzxm, qr, S, C, G, D, NB, has_w, ACC, BLOCK_D=_p2(D))
-        _nhwc_bwd_dx[tiles](dy, x, dx, w, b, mean, rstd, qr, S, C, G, D, NB, NCB, has_w, has_b, relu, ACC,
-                            BLOCK_R=br, BLOCK_C=bc)
+        for n0 in range(0, N, NS):
+            ns = min(NS, N - n0)
+            tiles = (ns * NB * NCB,)
+            _nhwc_bwd_sums[tiles](dy, x, w, b, mean, rstd, p0, p1, n0, S, C, G, D, NB, NCB, has_w, has_b, relu,
+                                  ACC, BLOCK_R=br, BLOCK_C=bc)
+            _nhwc_bwd_group[(ns * G,)](p0, p1, w, rstd, sdz, sdzxm, qr, n0, S, C, G, D, NB, has_w, ACC,
+                                       BLOCK_D=_p2(D))
+            _nhwc_bwd_dx[tiles](dy, x, dx, w, b, mean, rstd, qr, n0, S, C, G, D, NB, NCB, has_w, has_b, relu, ACC,
+                                BLOCK_R=br, BLOCK_C=bc)
     bc = min(_p2(C), 256)
     _param_grads[(triton.cdiv(C, bc),)](rstd, sdz, sdzxm, dw, db, N, C, G, D, ACC, BLOCK_C=bc)
     return dx, dw, db

@@ -6,6 +6,7 @@ error against a float64 autograd reference computed from the same (rounded) inpu
 on the contiguous copy (its most accurate path: its channels_last CPU kernel uses E[x^2] - E[x]^2). Triton runs under
 TRITON_INTERPRET=1 on the CPU (slow): its cases are small and fp32/fp16 only (the interpreter's bf16 casts are wrong).
 """
+import os
 import random
 
 import pytest
@@ -368,3 +369,62 @@ def test_num_groups_must_not_be_a_bool():
     """Regression: bool is an int subclass, so num_groups=True passed validation as 1 group."""
     with pytest.raises(ValueError, match="num_groups=True"):
         group_norm(torch.randn(2, 4, 3, 3), True)
+
+
+# ------------------------------------------------------------------------- Triton tile paths (issue 13)
+TRITON = [c for c in CASES if c[0] == "triton"]
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("shape,G", [
+    ((2, 6, 5, 5), 2),  # NCHW: the group in one tile, with a masked channel row (C/G = 3)
+    ((1, 4, 70, 70), 1),  # NCHW: several channel tiles, ragged statistics pieces; several position tiles backward
+    ((1, 2, 100, 100), 1),  # NCHW: several position tiles forward too
+    ((2, 64, 3, 3), 2),  # NCHW: 32 channels x 9 positions, rows of a tile masked at the end of each channel
+])
+def test_triton_nchw_tiles(backend, device, shape, G):
+    from bitfast.kernels import group_norm as tgn
+
+    D, S = shape[1] // G, shape[2] * shape[3]
+    one = tgn._nchw_blocks(D, S)[2]
+    assert one == (shape[2] < 70) == tgn._nchw_blocks(D, S, "bwd")[2]  # the shapes reach the paths named
+    run_criterion(backend, device, shape, G, torch.float32, False, relu=True)
+    run_criterion(backend, device, shape, G, torch.float32, False, relu=False, offset=1000.0)
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_nhwc_l2_chunks(backend, device, dtype, monkeypatch):
+    """NHWC in several sample chunks (the L2 knob lowered, as the CUDA emulator's small-L2 builds do): uneven
+    balanced chunks forward (2 + 2 + 1 samples in fp32) and one sample per chunk backward, two row blocks each."""
+    from bitfast.kernels import group_norm as tgn
+
+    shape, G = (5, 16, 20, 20), 4
+    monkeypatch.setattr(tgn, "L2_BYTES", 60000)  # 6400-element samples: fp32 2+2+1 / 1 each, fp16 3+2 / 2+2+1
+    assert [tgn.chunk_samples(5, 16 * 400, e) for e in (4, 8, 2)] == [2, 1, 3]
+    run_criterion(backend, device, shape, G, dtype, True, relu=True)
+    run_criterion(backend, device, shape, G, dtype, True, relu=False, affine=False, offset=1000.0 if
+                  dtype == torch.float32 else 0.0)
+    x = make_x(shape, torch.float32, device, channels_last=True)
+    dy = make_x(shape, torch.float32, device, channels_last=True)
+    w, b = 1 + torch.randn(16, device=device), torch.randn(16, device=device)
+    y, mean, rstd = tgn.group_norm_fwd(x, w, b, G, 1e-5, True)
+    outs = [tgn.group_norm_bwd(dy, x, w, b, mean, rstd, G, True) for _ in range(2)]
+    monkeypatch.setattr(tgn, "L2_BYTES", 1 << 30)  # one chunk: the same sums in the same order, bitwise
+    one = tgn.group_norm_bwd(dy, x, w, b, mean, rstd, G, True)
+    assert torch.equal(tgn.group_norm_fwd(x, w, b, G, 1e-5, True)[0], y)
+    assert all(torch.equal(a, c) for o in outs for a, c in zip(o, one))
+
+
+def test_triton_chunks_mirror_cuda():
+    """The Triton NHWC chunks are the CUDA ones (csrc/group_norm.cu chunk_samples; bench/budget.py mirrors it)."""
+    pytest.importorskip("triton")
+    from bench import budget
+    from bitfast.kernels import group_norm as tgn
+
+    if "BITFAST_GN_L2_BYTES" not in os.environ:
+        assert tgn.L2_BYTES == budget.CUDA_CONSTANTS["BITFAST_GN_L2_BYTES"]
+    for N, C, H in [(64, 64, 56), (256, 256, 56), (64, 2048, 7), (1, 64, 56), (128, 512, 28)]:
+        for nb in (2, 4):
+            assert tgn.chunk_samples(N, C * H * H, nb) == budget.chunk_samples(N, H * H, C, nb)
+    assert tgn.chunk_samples(64, 64 * 56 * 56, 2) == 32  # 62 + 2 balanced into 32 + 32
