@@ -243,14 +243,28 @@ def keep_last(out, path, step, k):
     _fsync_dir(out)
 
 
+def continued(own, resume):
+    """<out>/last.pt (`own`) when a run started from `resume` wrote it: the same command, re-run or restarted by
+    torchrun --max-restarts, goes on from there instead of going back to `resume`. Else None."""
+    if not (resume and os.path.exists(own) and os.path.exists(resume)) or os.path.samefile(own, resume):
+        return None
+    state = load(own, "cpu")
+    started = state["config"].get("resume")
+    return state if started and os.path.realpath(started) == os.path.realpath(resume) else None
+
+
 def resume_run(S):
-    """Load <out>/last.pt (or cfg.resume) if present; returns the step to start from."""
-    path = S.cfg.resume or os.path.join(S.cfg.out, "last.pt")
+    """Load <out>/last.pt (or cfg.resume, unless this command already went on from it) if present; returns the
+    step to start from."""
+    own = os.path.join(S.cfg.out, "last.pt")
+    state = continued(own, S.cfg.resume)
+    path = own if state is not None else S.cfg.resume or own
     if not os.path.exists(path):
         if S.cfg.resume:
             raise FileNotFoundError(f"resume: no checkpoint at {path}")
         return 0
-    state = load(path, "cpu")  # RNG states must stay on the CPU; load_state_dict moves the rest
+    if state is None:
+        state = load(path, "cpu")  # RNG states must stay on the CPU; load_state_dict moves the rest
     bad = settings_mismatch(state, S.cfg, S.recipe)
     if bad:
         diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in bad)
@@ -270,5 +284,6 @@ def resume_run(S):
     S.wall_before, S.images_before = state["wall_s"], state["train_images"]
     S.window = state.get("window")  # the train-loss window open at the checkpoint (older checkpoints: none)
     S.saved_step = int(state["step"])
-    S.log(f"resuming from {path} at step {state['step']}")
+    S.log(f"resuming from {path} at step {state['step']}" + (f" (this run started from {S.cfg.resume})"
+                                                             if S.cfg.resume and path == own else ""))
     return int(state["step"])
