@@ -55,7 +55,8 @@ def _add_run_flags(p, upstream=False):
     a("--workers", type=int, help="DataLoader workers per rank (default: 0 for built-in data, else up to 8)")
     a("--decode", choices=C.CHOICES["decode"], help="decode + resize: fast (default; torchvision's JPEG decode, uint8 "
                                                   "tensor resizes), pil (Pillow, as before), gpu (nvjpeg; needs CUDA)")
-    a("--resume", help="checkpoint to resume from (default: <out>/last.pt when it exists)")
+    a("--resume", help="checkpoint to resume from (default: <out>/last.pt when it exists); once the run started "
+                       "from it has written <out>/last.pt, a restart or rerun goes on from that")
     a("--stop-after", type=int, help="checkpoint and exit after N steps of this invocation (time-sliced jobs)")
     a("--norm", choices=C.CHOICES["norm"], help="gn (default) or bn: ablation variants (from scratch)")
     a("--conv", choices=C.CHOICES["conv"], help="ws (default) or plain")
