@@ -59,8 +59,8 @@ def free_port():
 class Launches:
     """torchrun processes, each in its own session with its log in a file; closing kills what is still alive."""
 
-    def __init__(self, tmp):
-        self.tmp, self.procs = tmp, []
+    def __init__(self, tmp, data):
+        self.tmp, self.data, self.procs = tmp, data, []
 
     def start(self, name, torchrun_args, out, pause=None):
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path),
@@ -71,8 +71,8 @@ class Launches:
                "--model", "bit_tiny", "--data", pattern(self.data), "--batch", "16", "--resolution", "20,16",
                "--steps", "12", "--eval-every", "0", "--ckpt-every", "3", "--workers", "1", "--no-progress",
                "--out", str(out), "log_every=2", "stop_timeout=10"]
-        log = open(self.tmp / f"{name}.log", "w")
-        p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.tmp / f"{name}.log", "w") as log:
+            p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         p.name, p.log, p.t0 = name, self.tmp / f"{name}.log", time.time()
         self.procs.append(p)
         return p
@@ -91,14 +91,14 @@ class Launches:
                 self.fail(f"{p.name} still running after {DEADLINE} s")
         return [p.returncode for p in procs]
 
-    def wait_for(self, path_glob_dir, prefix, procs):
-        """The pid in the name of <dir>/<prefix><pid>, once the file appears."""
+    def wait_for(self, folder, prefix, procs):
+        """The pid in the name of <folder>/<prefix><pid>, once the file appears."""
         while True:
-            names = [n for n in os.listdir(path_glob_dir) if n.startswith(prefix)] if path_glob_dir.exists() else []
+            names = [n for n in os.listdir(folder) if n.startswith(prefix)] if folder.exists() else []
             if names:
                 return int(names[0][len(prefix):])
             if any(p.poll() is not None for p in procs) or time.time() - procs[0].t0 > DEADLINE:
-                self.fail(f"no {prefix}* file in {path_glob_dir}")
+                self.fail(f"no {prefix}* file in {folder}")
             time.sleep(0.1)
 
     def close(self):
@@ -110,8 +110,7 @@ class Launches:
 
 @pytest.fixture
 def launches(tmp_path, packed):  # noqa: F811
-    ls = Launches(tmp_path)
-    ls.data = packed
+    ls = Launches(tmp_path, packed)
     yield ls
     ls.close()
 
@@ -120,8 +119,7 @@ def launches(tmp_path, packed):  # noqa: F811
 def reference(tmp_path_factory, packed):  # noqa: F811
     """The uninterrupted run: 2 ranks on one agent."""
     tmp = tmp_path_factory.mktemp("reference")
-    ls = Launches(tmp)
-    ls.data = packed
+    ls = Launches(tmp, packed)
     try:
         if ls.wait(ls.start("reference", ["--standalone", "--nproc_per_node=2"], tmp / "out")) != [0]:
             ls.fail("the uninterrupted run failed")
