@@ -51,8 +51,6 @@ KNOWN_MISSES = {  # predicted on 2026-12-02 from the kernels of 724b061 + balanc
     ("cuda nchw fwd", "max_bytes_ratio"): 1.497,
     ("cuda nchw bwd", "max_bytes_ratio"): 1.667,  # x and dy re-read from DRAM where groups are large
     ("cuda nhwc fwd", "max_bytes_ratio"): 1.2,  # a <= 24 MB chunk of x + its y (<= 48 MB) stream through L2
-    # Triton NCHW bwd at 256x56^2: 4 programs of 512 per SM hold 528 x 100 KB of x and dy, more than L2: re-read
-    ("triton nchw bwd", "max_bytes_ratio"): 1.667,
     ("triton nhwc fwd", "max_bytes_ratio"): 1.232,  # as CUDA's: a <= 24 MB chunk of x + its y stream through L2
 }
 
@@ -272,7 +270,7 @@ def triton_bytes(layout, C, H, N, direction, calls, kernels):
         ns = grid // (NB * NCB) if name.startswith("_nhwc") and "group" not in name else grid // GROUPS
         Xc = ns * S * C * E * nb  # the chunk's x (and dy)
         if name in ("_nchw_fwd", "_nchw_bwd"):
-            if gn._nchw_blocks(D, S)[2]:  # ONE: x (and dy) read once
+            if gn._nchw_blocks(D, S, nb * E)[2]:  # ONE: x (and dy) read once
                 b = X + T + 8 * N * (GROUPS if direction == "fwd" else C)
             else:
                 res = min(grid, kernels[key]["blocks_per_sm"] * SM90["sms"]) * nb * D * S * E

@@ -384,15 +384,16 @@ def _geometry(x, num_groups):
 
 # NCHW programs: int32 offsets on the group's int64 base. A group that fits one tile of NCHW_TILE elements (8 warps,
 # 16 per thread) is read once, from registers (ONE). A larger one is read twice (statistics, then the output pass,
-# an L2 re-read) by programs of 16 warps over larger tiles (16 per thread forward, 8 backward, which holds x and dy):
-# fewer, wider programs per SM keep fewer groups in flight, so that the re-read still finds its group in L2.
-# All <= 128 registers, no spills: 2+ programs of 256 threads (or 1+ of 512) per SM at every BiT shape.
-NCHW_TILE, NCHW_WARPS = 4096, 8
-NCHW_BIG = {"fwd": 8192, "bwd": 2048}, 16  # (tile by direction, warps) when the group is larger than NCHW_TILE
+# an L2 re-read) by wider programs over larger tiles: fewer programs per SM keep fewer groups in flight, so that the
+# re-read still finds its group in L2. Programs of 16 warps (2048 threads per SM hold 4), or of 32 (2 per SM) when
+# the group's x (backward: x and dy) outgrows NCHW_WIDE_BYTES; backward tiles are half as large (two tensors).
+# All <= 128 registers, no spills: 2+ programs of 256 threads (or 1+ of 512 or more) per SM at every BiT shape.
+NCHW_TILE, NCHW_WARPS, NCHW_WIDE_BYTES = 4096, 8, 64 << 10
+NCHW_BIG = {("fwd", 16): 8192, ("fwd", 32): 8192, ("bwd", 16): 2048, ("bwd", 32): 4096}  # (dir, warps) -> tile
 
 
-def _nchw_blocks(D, S, direction="fwd"):
-    """(BLOCK_D, BLOCK_S, ONE, num_warps): (channels, positions) tiles; ONE when one tile holds the group."""
+def _nchw_blocks(D, S, nbytes, direction="fwd"):
+    """(BLOCK_D, BLOCK_S, ONE, num_warps) for groups of D x S elements of nbytes (summed over x, dy) each."""
     def fit(tile):
         bs = min(_p2(S), tile)
         bd = min(_p2(D), max(1, tile // bs))
@@ -401,7 +402,8 @@ def _nchw_blocks(D, S, direction="fwd"):
     bd, bs, one = fit(NCHW_TILE)
     if one:
         return bd, bs, True, NCHW_WARPS
-    return fit(NCHW_BIG[0][direction])[:2] + (False, NCHW_BIG[1])
+    warps = 32 if D * S * nbytes > NCHW_WIDE_BYTES else 16
+    return fit(NCHW_BIG[direction, warps])[:2] + (False, warps)
 
 
 # NHWC: samples per chunk such that a chunk's x (backward: x and dy) fits this many bytes of L2, so the output pass
@@ -441,7 +443,7 @@ def group_norm_fwd(x, weight, bias, num_groups, eps, relu):
     w, b, has_w, has_b = _flags(weight, bias, x)
     ACC, eps = _acc(x.dtype), eps_arg(eps, acc_t, x.device)
     if not cl:
-        bd, bs, one, nw = _nchw_blocks(_int32(D * S, "a group") // S, S)
+        bd, bs, one, nw = _nchw_blocks(_int32(D * S, "a group") // S, S, x.element_size())
         _nchw_fwd[(N * G,)](x, y, w, b, mean, rstd, G, D, S, eps, has_w, has_b, relu, ACC, one,
                             BLOCK=min(_p2(D * S), bd * bs), BLOCK_D=bd, BLOCK_S=bs, num_warps=nw, num_stages=1)
         return y, mean, rstd
@@ -476,7 +478,7 @@ def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, relu):
     sdz = torch.empty((N, C), dtype=acc_t, device=x.device)
     sdzxm = torch.empty_like(sdz)
     if not cl:
-        bd, bs, one, nw = _nchw_blocks(_int32(D * S, "a group") // S, S, "bwd")
+        bd, bs, one, nw = _nchw_blocks(_int32(D * S, "a group") // S, S, 2 * x.element_size(), "bwd")
         _nchw_bwd[(N * G,)](dy, x, dx, w, b, mean, rstd, sdz, sdzxm, G, D, S, has_w, has_b, relu, ACC, one,
                             BLOCK_D=bd, BLOCK_S=bs, num_warps=nw, num_stages=1)
     else:

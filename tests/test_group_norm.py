@@ -380,14 +380,16 @@ TRITON = [c for c in CASES if c[0] == "triton"]
     ((2, 6, 5, 5), 2),  # NCHW: the group in one tile, with a masked channel row (C/G = 3)
     ((1, 4, 70, 70), 1),  # NCHW: several channel tiles, ragged statistics pieces; several position tiles backward
     ((1, 2, 100, 100), 1),  # NCHW: several position tiles forward too
+    ((1, 4, 40, 40), 1),  # NCHW: a group of 16-warp programs (the others above take 32: > 64 KB of fp32)
     ((2, 64, 3, 3), 2),  # NCHW: 32 channels x 9 positions, rows of a tile masked at the end of each channel
 ])
 def test_triton_nchw_tiles(backend, device, shape, G):
     from bitfast.kernels import group_norm as tgn
 
     D, S = shape[1] // G, shape[2] * shape[3]
-    one = tgn._nchw_blocks(D, S)[2]
-    assert one == (shape[2] < 70) == tgn._nchw_blocks(D, S, "bwd")[2]  # the shapes reach the paths named
+    fwd, bwd = tgn._nchw_blocks(D, S, 4), tgn._nchw_blocks(D, S, 8, "bwd")  # the shapes reach the paths named
+    assert fwd[2] == bwd[2] == (shape[2] < 40)
+    assert fwd[3] == bwd[3] == {70: 32, 100: 32, 40: 16}.get(shape[2], 8)
     run_criterion(backend, device, shape, G, torch.float32, False, relu=True)
     run_criterion(backend, device, shape, G, torch.float32, False, relu=False, offset=1000.0)
 
