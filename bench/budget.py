@@ -22,10 +22,17 @@ NHWC chunks the same way (kernels/group_norm.py chunk_samples; the model reads e
 grids), and a Triton NCHW group that fits one register tile is read once. Not modelled: occupancy beyond the
 threshold, DRAM page effects, the WS kernels' bytes (weights are ~50 MB per step in all).
 
+CUDA specifics: y and dx are written with streaming stores (__stcs, st.global.cs: "evict-first" in L1 and L2, PTX
+ISA), so the written lines are evicted before any line of the re-read set and do not count against it: the
+re-read of X misses only when X alone exceeds L2_REUSE_BYTES (`reread_streaming`; the GPU stage will show whether
+that holds). NCHW keeps the first kNchwCacheBytes (46 KB) of each group's x (bwd: x and dy, half each) in
+dynamic shared memory for the output pass; only the rest is re-read, and that 47 KB per block also caps blocks
+per SM at 4 (the path's blocks and waves use it).
+
 Predicted fraction of copy bandwidth (`copy_frac`): minimum bytes / copy bandwidth divided by the predicted time
 sum over launches of bytes / copy bandwidth * ceil(waves) / waves (an SM-quantized last wave) + LAUNCH_GAP_S per
-launch (dependent kernels in one stream drain and refill the GPU) + N * PARAM_GRADS_S_PER_N for param_grads's
-serial loop over n. Not priced, so copy_frac is an upper bound: one resident block per SM (no overlap of one
+launch (dependent kernels in one stream drain and refill the GPU) + PARAM_GRADS_S_PER_N per step of param_grads's
+serial loop over n (`serial_loop`; CUDA: one slice of n, then the slices). Not priced, so copy_frac is an upper bound: one resident block per SM (no overlap of one
 block's reduction with another's loads), the scalar 2-byte loads of NCHW when S % 8 != 0, idle warps when D < 8.
 """
 import hashlib
@@ -47,10 +54,6 @@ THRESHOLDS = {"spill_bytes": 0, "min_threads_per_sm": 512, "max_bytes_ratio": 1.
 # (kernel or path, metric) -> the predicted value today. The test fails if a value gets worse, if a miss appears
 # that is not listed, or if a listed one now meets its threshold (delete it then).
 KNOWN_MISSES = {  # predicted on 2026-12-02 from the kernels of 724b061 + balanced NHWC chunks (issue 13 item 2: remove)
-    # resident groups (6 blocks/SM x 50 KB at 256x56^2, 4 before the bf16 packs became words) + y exceed L2
-    ("cuda nchw fwd", "max_bytes_ratio"): 1.497,
-    ("cuda nchw bwd", "max_bytes_ratio"): 1.667,  # x and dy re-read from DRAM where groups are large
-    ("cuda nhwc fwd", "max_bytes_ratio"): 1.2,  # a <= 24 MB chunk of x + its y (<= 48 MB) stream through L2
     ("triton nhwc fwd", "max_bytes_ratio"): 1.232,  # as CUDA's: a <= 24 MB chunk of x + its y stream through L2
 }
 
@@ -62,7 +65,8 @@ MODEL = {"l2_reuse_bytes": 40e6,  # of H100's 50 MB L2: what a streaming re-read
          "param_grads_s_per_n": 50e-9}  # its serial loop over n: dependent L2 loads (issue 13's review: 10-20 us at 256)
 BATCHES, DTYPE_BYTES, GROUPS = (64, 128, 256), 2, 32  # bf16
 # csrc/group_norm.cu host constants mirrored here (the test reads them from the source).
-CUDA_CONSTANTS = {"kThreads": 256, "kRowsPerThread": 8, "BITFAST_GN_L2_BYTES": 24 << 20}
+CUDA_CONSTANTS = {"kThreads": 256, "kRowsPerThread": 8, "BITFAST_GN_L2_BYTES": 24 << 20, "BITFAST_GN_PARAM_SLICE": 16,
+                  "kNchwCacheBytes": 46 << 10}
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-arch=sm_90", "-DBITFAST_WITH_CUDA=1", "-Icsrc"]
 
 
@@ -225,18 +229,29 @@ def reread(X, W, l2=None):
     return 1.0 if X > l2 else min(1.0, max(0.0, (X + W - l2) / W))
 
 
+def reread_streaming(X, l2=None):
+    """reread() when the second pass writes with streaming (evict-first) stores: only X itself can overflow L2."""
+    l2 = MODEL["l2_reuse_bytes"] if l2 is None else l2
+    return 1.0 if X > l2 else 0.0
+
+
 def cuda_launches(layout, C, H, N, direction, blocks):
-    """CUDA launches of one op call -> [(kernel, grid, DRAM bytes)]; blocks: kernel -> blocks per SM."""
+    """CUDA launches of one op call -> [(kernel, grid, DRAM bytes[, blocks per SM])]; blocks: kernel -> blocks per
+    SM from ptxas, overridden in the 4th field where dynamic shared memory allows fewer."""
     S, D, E, G = H * H, C // GROUPS, DTYPE_BYTES, GROUPS
     V = 8 if layout == "nhwc" or S % 8 == 0 else 1  # with_vec: 16-byte packs when C (NHWC) or S (NCHW) % 8 == 0
     T = "__nv_bfloat16"
     if layout == "nchw":
         k = f"nchw_{direction}<{T}, {V}, true>"
         sets = 1 if direction == "fwd" else 2  # x, or x and dy
-        X = min(N * G, blocks[k] * SM90["sms"]) * sets * D * S * E  # the groups of all resident blocks
-        W = X / sets
-        main = (k, N * G, N * C * S * E * (sets + sets * reread(X, W) + 1) + 8 * N * G)
-        return [main] if direction == "fwd" else [main, ("param_grads", -(-C // 256), 8 * C)]
+        # nchw_cache_packs(): kNchwCacheBytes for all sets, whole packs; the rest of each group is re-read
+        pack = V * E
+        cached = min(D * S // V, CUDA_CONSTANTS["kNchwCacheBytes"] // (sets * pack)) * pack  # per tensor
+        bps = min(blocks[k], blocks_per_sm(0, 128 + sets * cached, 256))  # (static smem <= 128 B)
+        X = min(N * G, bps * SM90["sms"]) * sets * (D * S * E - cached)  # uncached parts of the resident groups
+        main = (k, N * G, N * C * S * E * (sets + 1) + N * G * sets * (D * S * E - cached) * reread_streaming(X)
+                + 8 * N * G, bps)
+        return [main] if direction == "fwd" else [main, *cuda_param_grads(N, C)]
     B, CB = cuda_tiles(S, C)
     out, nb = [], (1 if direction == "fwd" else 2)
     ns_max = chunk_samples(N, S, C, nb * E)
@@ -246,12 +261,28 @@ def cuda_launches(layout, C, H, N, direction, blocks):
         if direction == "fwd":
             out += [(f"nhwc_moments<{T}, 8>", ns * B * CB, X + part),
                     (f"nhwc_group_stats<{T}>", -(-ns * G // 8), 8 * ns * G),
-                    (f"nhwc_normalize<{T}, 8, true>", ns * B * CB, X * (1 + reread(X, X)))]
+                    (f"nhwc_normalize<{T}, 8, true>", ns * B * CB, X * (1 + reread_streaming(X)))]
         else:
             out += [(f"nhwc_bwd_sums<{T}, 8, true>", ns * B * CB, X + part),
                     ("nhwc_bwd_group", -(-ns * G // 8), 8 * ns * (C + G)),
-                    (f"nhwc_bwd_dx<{T}, 8, true>", ns * B * CB, X * (reread(X, X / 2) + 0.5))]
-    return out + ([("param_grads", -(-C // 256), 8 * C)] if direction == "bwd" else [])
+                    (f"nhwc_bwd_dx<{T}, 8, true>", ns * B * CB, X * (reread_streaming(X) + 0.5))]
+    return out + (cuda_param_grads(N, C) if direction == "bwd" else [])
+
+
+def cuda_param_grads(N, C):
+    """csrc/group_norm.cu param_grads over P = ceil(N / kParamSlice) slices of n, then param_reduce over the slices
+    (P > 1); each writes its (P, C) or (C,) dweight and dbias rows."""
+    P, cb = -(-N // CUDA_CONSTANTS["BITFAST_GN_PARAM_SLICE"]), -(-C // 256)
+    return [("param_grads", cb * P, 8 * P * C)] + ([("param_reduce", cb, 8 * C)] if P > 1 else [])
+
+
+def serial_loop(kernel, N):
+    """Iterations of a kernel's serial loop of dependent L2 loads over n (param_grads's; 0 for the others)."""
+    if kernel == "param_grads":  # CUDA: one slice of n
+        return min(N, CUDA_CONSTANTS["BITFAST_GN_PARAM_SLICE"])
+    if kernel == "param_reduce":  # CUDA: the slices
+        return -(-N // CUDA_CONSTANTS["BITFAST_GN_PARAM_SLICE"])
+    return N if "param" in kernel else 0
 
 
 def triton_bytes(layout, C, H, N, direction, calls, kernels):
@@ -293,12 +324,12 @@ def path_row(backend, layout, direction, C, H, N, count, launches, blocks):
     T = N * C * H * H * DTYPE_BYTES
     need = (2 if direction == "fwd" else 3) * T
     bw, t, waves = MODEL["copy_bytes_per_s"], 0.0, []
-    for k, grid, b in launches:
-        w = grid / (blocks[k] * SM90["sms"])
-        t += b / bw * math.ceil(w) / w + MODEL["launch_gap_s"] + (N * MODEL["param_grads_s_per_n"] if "param" in k else 0)
+    for k, grid, b, *bps in launches:  # bps: a launch's own blocks per SM (CUDA NCHW's shared-memory cache)
+        w = grid / ((bps[0] if bps else blocks[k]) * SM90["sms"])
+        t += b / bw * math.ceil(w) / w + MODEL["launch_gap_s"] + serial_loop(k, N) * MODEL["param_grads_s_per_n"]
         if "group" not in k and "param" not in k:  # waves of the element-wise tile kernels only
             waves.append(round(w, 2))
-    total = sum(b for _, _, b in launches)
+    total = sum(l[2] for l in launches)
     return {"backend": backend, "layout": layout, "direction": direction, "C": C, "H": H, "N": N, "layers": count,
             "launches": len(launches), "waves_max": max(waves), "waves_min": min(waves),
             "designed_bytes": int(total), "min_bytes": need, "bytes_ratio": round(total / need, 3),
@@ -322,7 +353,7 @@ def build():
             for layout in ("nchw", "nhwc"):
                 for d in ("fwd", "bwd"):
                     ls = cuda_launches(layout, C, H, N, d, cblocks)
-                    hot |= {k for k, _, _ in ls}
+                    hot |= {l[0] for l in ls}
                     paths.append(path_row("cuda", layout, d, C, H, N, count, ls, cblocks))
                     ls = triton_bytes(layout, C, H, N, d, tl[(layout, C, H, N, d)], tk)
                     tb = {tk[key]["name"]: tk[key]["blocks_per_sm"] for key, _ in tl[(layout, C, H, N, d)]}
@@ -409,9 +440,9 @@ def _model_total(ps, what):
 
 def _path_kernels(backend, layout, d):
     """Kernel name prefixes of a path (the ones its launches use)."""
-    table = {("cuda", "nchw", "fwd"): ["nchw_fwd<__nv_bfloat16"], ("cuda", "nchw", "bwd"): ["nchw_bwd<__nv_bfloat16", "param_grads"],
+    table = {("cuda", "nchw", "fwd"): ["nchw_fwd<__nv_bfloat16"], ("cuda", "nchw", "bwd"): ["nchw_bwd<__nv_bfloat16", "param_grads", "param_reduce"],
              ("cuda", "nhwc", "fwd"): ["nhwc_moments<__nv_bfloat16", "nhwc_group_stats<__nv_bfloat16", "nhwc_normalize<__nv_bfloat16"],
-             ("cuda", "nhwc", "bwd"): ["nhwc_bwd_sums<__nv_bfloat16", "nhwc_bwd_group", "nhwc_bwd_dx<__nv_bfloat16", "param_grads"],
+             ("cuda", "nhwc", "bwd"): ["nhwc_bwd_sums<__nv_bfloat16", "nhwc_bwd_group", "nhwc_bwd_dx<__nv_bfloat16", "param_grads", "param_reduce"],
              ("triton", "nchw", "fwd"): ["_nchw_fwd"], ("triton", "nchw", "bwd"): ["_nchw_bwd", "_param_grads"],
              ("triton", "nhwc", "fwd"): ["_nhwc_moments", "_nhwc_group_stats", "_nhwc_normalize"],
              ("triton", "nhwc", "bwd"): ["_nhwc_bwd_sums", "_nhwc_bwd_group", "_nhwc_bwd_dx", "_param_grads"]}

@@ -37,6 +37,11 @@ constexpr int kRowBatch = 2;                    // NHWC bwd sums: rows loaded to
 #endif
 constexpr int64_t kL2Bytes = BITFAST_GN_L2_BYTES;  // NHWC: a sample chunk's x (and dy) should fit in L2
 constexpr int64_t kMaxGrid = 2147483647;
+#ifndef BITFAST_GN_PARAM_SLICE
+#define BITFAST_GN_PARAM_SLICE 16
+#endif
+constexpr int64_t kParamSlice = BITFAST_GN_PARAM_SLICE;  // samples per param_grads slice
+constexpr int64_t kNchwCacheBytes = 46 << 10;  // NCHW: x (and dy) kept in dynamic shared memory per block
 
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
@@ -56,11 +61,21 @@ __device__ __forceinline__ float bits_to_f(uint32_t u) {
 #endif
 }
 
+__device__ __forceinline__ uint32_t f_to_bits(float f) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+
 // V consecutive elements, loaded/stored as one 16-byte access when V * sizeof(T) == 16; get/put convert one element
-// from/to fp32. bf16 packs are held as 32-bit words, 2 elements each, and converted at use with a shift or a mask
-// (exact, like __bfloat162float): as 16-bit elements, ptxas moved every high half into a register of its own right
-// after the load (PRMT), doubling the registers of each pack held (nhwc_bwd_sums<bf16>: 183 registers vs 121 fp16).
-template <typename T, int V, bool Words = std::is_same<T, __nv_bfloat16>::value && V % 2 == 0> struct Pack;
+// from/to fp32. 2-byte packs are held as 32-bit words, 2 elements each, converted at use (bf16: a shift or a mask,
+// exact like __bfloat162float): as 16-bit elements, ptxas moved every bf16 high half into a register of its own
+// right after the load (PRMT), doubling the registers of each pack held (nhwc_bwd_sums<bf16>: 183 vs fp16's 121).
+template <typename T, int V, bool Words = sizeof(T) == 2 && V % 2 == 0> struct Pack;
 template <typename T, int V> struct alignas(sizeof(T) * V) Pack<T, V, false> {
   T v[V];
   __device__ __forceinline__ float get(int j) const { return to_f(v[j]); }
@@ -68,17 +83,57 @@ template <typename T, int V> struct alignas(sizeof(T) * V) Pack<T, V, false> {
 };
 template <typename T, int V> struct alignas(sizeof(T) * V) Pack<T, V, true> {
   uint32_t w[V / 2];
-  __device__ __forceinline__ float get(int j) const { return bits_to_f(j % 2 ? w[j / 2] & 0xffff0000u : w[j / 2] << 16); }
+  __device__ __forceinline__ float get(int j) const {
+    if constexpr (std::is_same<T, __nv_bfloat16>::value)
+      return bits_to_f(j % 2 ? w[j / 2] & 0xffff0000u : w[j / 2] << 16);
+    else
+      return __half2float(__ushort_as_half(static_cast<unsigned short>(j % 2 ? w[j / 2] >> 16 : w[j / 2])));
+  }
   __device__ __forceinline__ void put(int j, float f) {
-    const uint32_t h = __bfloat16_as_ushort(__float2bfloat16_rn(f));
+    uint32_t h;
+    if constexpr (std::is_same<T, __nv_bfloat16>::value)
+      h = __bfloat16_as_ushort(__float2bfloat16_rn(f));
+    else
+      h = __half_as_ushort(__float2half_rn(f));
     w[j / 2] = j % 2 ? (w[j / 2] & 0xffffu) | (h << 16) : (w[j / 2] & 0xffff0000u) | h;
   }
 };
 template <typename T, int V> __device__ __forceinline__ Pack<T, V> load(const T* p) {
   return *reinterpret_cast<const Pack<T, V>*>(p);
 }
-template <typename T, int V> __device__ __forceinline__ void store(T* p, const Pack<T, V>& v) {
-  *reinterpret_cast<Pack<T, V>*>(p) = v;
+// Streaming (evict-first) store, for y and dx: no kernel of the op reads them again, and written lines that stay in
+// L2 would evict the x (and dy) that the output pass re-reads (bench/budget.py's reread_streaming).
+// (The words are passed as values: a reinterpret_cast of the pack put it on the stack, as ptxas "spills".)
+template <typename T, int V, bool Wd> __device__ __forceinline__ void store_cs(T* p, const Pack<T, V, Wd>& v) {
+  if constexpr (Wd && V == 8) {
+    uint4 u;
+    u.x = v.w[0], u.y = v.w[1], u.z = v.w[2], u.w = v.w[3];
+    __stcs(reinterpret_cast<uint4*>(p), u);
+  } else if constexpr (Wd && V == 4) {
+    uint2 u;
+    u.x = v.w[0], u.y = v.w[1];
+    __stcs(reinterpret_cast<uint2*>(p), u);
+  } else if constexpr (Wd && V == 2) {
+    __stcs(reinterpret_cast<unsigned*>(p), v.w[0]);
+  } else if constexpr (std::is_same<T, float>::value && V == 4) {
+    uint4 u;
+    u.x = f_to_bits(v.v[0]), u.y = f_to_bits(v.v[1]), u.z = f_to_bits(v.v[2]), u.w = f_to_bits(v.v[3]);
+    __stcs(reinterpret_cast<uint4*>(p), u);
+  } else if constexpr (std::is_same<T, float>::value && V == 2) {
+    float2 u;
+    u.x = v.v[0], u.y = v.v[1];
+    __stcs(reinterpret_cast<float2*>(p), u);
+  } else if constexpr (std::is_same<T, float>::value && V == 1) {
+    __stcs(p, v.v[0]);
+  } else {
+    static_assert(V == 1 && sizeof(T) == 2, "store_cs: pack shape");
+    unsigned short h;
+    if constexpr (std::is_same<T, __nv_bfloat16>::value)
+      h = __bfloat16_as_ushort(v.v[0]);
+    else
+      h = __half_as_ushort(v.v[0]);
+    __stcs(reinterpret_cast<unsigned short*>(p), h);
+  }
 }
 
 // Running (count, mean, M2) with Chan's merge (chan_merge on the CPU; empty sides allowed here).
@@ -137,13 +192,16 @@ __device__ float2 block_sum2(float a, float b) {
 
 // ------------------------------------------------------------------------------------------------ NCHW
 // Twin of fwd_group: one block per (n, g) = blockIdx.x; the group is x[ng * M : (ng + 1) * M], M = D * S.
-// Each thread takes U packs per step (independent loads in flight) as one two-pass piece.
+// Each thread takes U packs per step (independent loads in flight) as one two-pass piece. The first `cached` packs
+// of x (all of a group up to nchw_cache_packs()) stay in dynamic shared memory for the output pass.
 template <typename T, int V, bool Relu>
 __global__ void __launch_bounds__(kThreads) nchw_fwd(const T* __restrict__ x, T* __restrict__ y,
                                                      const float* __restrict__ w, const float* __restrict__ b,
                                                      float* __restrict__ mean, float* __restrict__ rstd, int64_t G,
-                                                     int64_t D, int64_t S, float eps) {
+                                                     int64_t D, int64_t S, int64_t cached, float eps) {
   constexpr int U = 4;
+  BITFAST_DYNAMIC_SMEM(uint4, smem);
+  Pack<T, V>* cx = reinterpret_cast<Pack<T, V>*>(smem);
   const int64_t ng = blockIdx.x, M = D * S, step = int64_t(kThreads) * V;
   const T* xg = x + ng * M;
   T* yg = y + ng * M;
@@ -155,6 +213,9 @@ __global__ void __launch_bounds__(kThreads) nchw_fwd(const T* __restrict__ x, T*
 #pragma unroll
     for (int u = 0; u < U; ++u)
       if (i0 + u * step < M + BITFAST_PLANT(2)) p[u] = load<T, V>(xg + i0 + u * step), np = u + 1;  // bug 2: <=
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (u < np && (i0 + u * step) / V < cached) cx[(i0 + u * step) / V] = p[u];
     float s = 0.f;
 #pragma unroll
     for (int u = 0; u < U; ++u)
@@ -180,25 +241,29 @@ __global__ void __launch_bounds__(kThreads) nchw_fwd(const T* __restrict__ x, T*
   for (int64_t i = int64_t(threadIdx.x) * V; i < M; i += step) {  // S % V == 0: a pack lies in one channel
     const int64_t c = c0 + i / S;
     const float k = w ? rs * w[c] : rs, h = b ? b[c] : 0.f;
-    Pack<T, V> p = load<T, V>(xg + i);
+    Pack<T, V> p = i / V < cached ? cx[i / V] : load<T, V>(xg + i);  // cx: after block_merge's barriers
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       float z = __fmaf_rn(p.get(j) - mu, k, h);
       if (Relu) z = z < 0.f ? 0.f : z;
       p.put(j, z);
     }
-    store<T, V>(yg + i, p);
+    store_cs<T, V>(yg + i, p);
   }
 }
 
 // Twin of bwd_group. Warps take channels round-robin (lanes stride the channel's S elements) and write sdz/sdzxm
-// for (n, c); after a barrier the block reduces them over the group and writes dx.
+// for (n, c); after a barrier the block reduces them over the group and writes dx. The first `cached` packs of x and
+// dy (all of a group up to nchw_cache_packs()) are kept in dynamic shared memory for the dx pass, so that only the
+// rest is re-read: otherwise the x and dy of all resident groups (100 KB a group at 256 x 56^2) outgrow L2.
 template <typename T, int V, bool Relu>
 __global__ void __launch_bounds__(kThreads) nchw_bwd(const T* __restrict__ dy, const T* __restrict__ x,
                                                      T* __restrict__ dx, const float* __restrict__ w,
                                                      const float* __restrict__ b, const float* __restrict__ mean,
                                                      const float* __restrict__ rstd, int64_t G, int64_t D, int64_t S,
-                                                     float* sdz, float* sdzxm) {
+                                                     int64_t cached, float* sdz, float* sdzxm) {
+  BITFAST_DYNAMIC_SMEM(uint4, smem);  // one element type for every instantiation (extern __shared__)
+  Pack<T, V>* cx = reinterpret_cast<Pack<T, V>*>(smem);  // [0, cached): x packs; [cached, 2 * cached): dy packs
   const int64_t ng = blockIdx.x, M = D * S, c0 = (ng % G) * D, nc0 = (ng / G) * G * D + c0;
   const T* xg = x + ng * M;
   const T* gg = dy + ng * M;
@@ -210,6 +275,7 @@ __global__ void __launch_bounds__(kThreads) nchw_bwd(const T* __restrict__ dy, c
     float s0 = 0.f, s1 = 0.f;
     for (int64_t i = d * S + int64_t(lane) * V; i < (d + 1) * S; i += 32 * V) {
       const Pack<T, V> px = load<T, V>(xg + i), pg = load<T, V>(gg + i);
+      if (i / V < cached) cx[i / V] = px, cx[cached + i / V] = pg;
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         const float xm = px.get(j) - mu;
@@ -235,7 +301,8 @@ __global__ void __launch_bounds__(kThreads) nchw_bwd(const T* __restrict__ dy, c
   for (int64_t i = int64_t(threadIdx.x) * V; i < M; i += int64_t(kThreads) * V) {
     const int64_t c = c0 + i / S;
     const float k = w ? rs * w[c] : rs, h = b ? b[c] : 0.f;
-    const Pack<T, V> px = load<T, V>(xg + i), pg = load<T, V>(gg + i);
+    const bool hit = i / V < cached;  // after the barriers of block_sum2: written by any warp above
+    const Pack<T, V> px = hit ? cx[i / V] : load<T, V>(xg + i), pg = hit ? cx[cached + i / V] : load<T, V>(gg + i);
     Pack<T, V> out;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
@@ -244,7 +311,7 @@ __global__ void __launch_bounds__(kThreads) nchw_bwd(const T* __restrict__ dy, c
       if (Relu) dz = __fmaf_rn(xm, k, h) <= 0.f ? 0.f : dz;
       out.put(j, dz * k + xm * q + r);
     }
-    store<T, V>(dxg + i, out);
+    store_cs<T, V>(dxg + i, out);
   }
 }
 
@@ -399,7 +466,7 @@ __global__ void __launch_bounds__(kThreads) nhwc_normalize(const T* __restrict__
       if (Relu) z = z < 0.f ? 0.f : z;
       p.put(j, z);
     }
-    store<T, V>(y + off + r * t.C, p);
+    store_cs<T, V>(y + off + r * t.C, p);
   }
 }
 
@@ -540,22 +607,37 @@ __global__ void __launch_bounds__(kThreads) nhwc_bwd_dx(const T* __restrict__ dy
       if (Relu) dz = __fmaf_rn(xm, k[j], h[j]) <= 0.f ? 0.f : dz;
       out.put(j, dz * k[j] + xm * q[j] + r[j]);
     }
-    store<T, V>(dx + off + row * t.C, out);
+    store_cs<T, V>(dx + off + row * t.C, out);
   }
 }
 
-// Twin of reduce_param_grads: one thread per channel, n in increasing order.
+// Twin of reduce_param_grads, in two steps so that no thread loops over all of N (a dependent L2 load per n):
+// block (slice s, channel block) sums n in [s * kParamSlice, min(N, (s + 1) * kParamSlice)) in increasing order
+// into row s of (P, C) slices (dw/db themselves when P == 1); param_reduce sums the P rows in increasing order. The
+// slices depend on N only, so dweight/dbias are bitwise repeatable.
 __global__ void __launch_bounds__(kThreads) param_grads(const float* __restrict__ rstd, const float* __restrict__ sdz,
                                                         const float* __restrict__ sdzxm, int64_t N, int64_t C,
                                                         int64_t G, float* __restrict__ dw, float* __restrict__ db) {
-  const int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t cblocks = (C + kThreads - 1) / kThreads, s = blockIdx.x / cblocks;
+  const int64_t c = (blockIdx.x % cblocks) * kThreads + threadIdx.x;
   if (c >= C) return;
-  const int64_t D = C / G;
+  const int64_t g = c / (C / G), n1 = N < (s + 1) * kParamSlice ? N : (s + 1) * kParamSlice;
   float tw = 0.f, tb = 0.f;
-  for (int64_t n = 0; n < N; ++n) {
-    tw += rstd[n * G + c / D] * sdzxm[n * C + c];
+  for (int64_t n = s * kParamSlice; n < n1; ++n) {
+    tw += rstd[n * G + g] * sdzxm[n * C + c];
     tb += sdz[n * C + c];
   }
+  dw[s * C + c] = tw;
+  db[s * C + c] = tb;
+}
+
+__global__ void __launch_bounds__(kThreads) param_reduce(const float* __restrict__ pw, const float* __restrict__ pb,
+                                                         int64_t P, int64_t C, float* __restrict__ dw,
+                                                         float* __restrict__ db) {
+  const int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (c >= C) return;
+  float tw = 0.f, tb = 0.f;
+  for (int64_t s = 0; s < P; ++s) tw += pw[s * C + c], tb += pb[s * C + c];
   dw[c] = tw;
   db[c] = tb;
 }
@@ -580,6 +662,23 @@ int64_t partial_floats(const GNArgs& a, int64_t bytes) {
 
 int64_t elem_bytes(DType dt) { return dt == DType::f32 ? 4 : 2; }
 
+// NCHW: packs of x (bwd: and as many of dy; `tensors`) a block keeps in shared memory, of a group's `packs`: at
+// most kNchwCacheBytes in all, so that no opt-in above 48 KB is needed and 4 blocks fit an SM's 228 KB.
+int64_t nchw_cache_packs(int64_t packs, int64_t pack_bytes, int64_t tensors) {
+  const int64_t cap = kNchwCacheBytes / (tensors * pack_bytes);
+  return packs < cap ? packs : cap;
+}
+
+// param_grads's slices of n (a function of N only).
+int64_t param_slices(int64_t N) { return (N + kParamSlice - 1) / kParamSlice; }
+
+// Backward workspace floats before the param_grads slices: sdz, sdzxm (N, C); NHWC: p0, p1 partials and qr (N, G).
+int64_t bwd_floats_before_slices(const GNArgs& a, int64_t bytes) {
+  int64_t floats = 2 * a.N * a.C;
+  if (a.channels_last) floats += 2 * partial_floats(a, 2 * bytes) + 2 * a.N * a.G;
+  return floats;
+}
+
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 Status last_error() {
@@ -595,8 +694,9 @@ Status fwd_launch(const GNArgs& a, const T* x, const float* w, const float* b, T
   const int64_t D = a.C / a.G;
   if (!a.channels_last) {
     if (a.N * a.G > kMaxGrid) return "group_norm: N * num_groups exceeds the CUDA grid limit";
-    launch(nchw_fwd<T, V, Relu>, grid_of(a.N * a.G), kThreads, 0, st, x, y, w, b, mean, rstd, a.G, D, a.S,
-           float(a.eps));
+    const int64_t cached = nchw_cache_packs(D * a.S / V, V * sizeof(T), 1);
+    launch(nchw_fwd<T, V, Relu>, grid_of(a.N * a.G), kThreads, size_t(cached) * V * sizeof(T), st, x, y, w, b, mean,
+           rstd, a.G, D, a.S, cached, float(a.eps));
     return last_error();
   }
   const Tiles t(a.S, a.C, V);
@@ -620,8 +720,9 @@ Status bwd_launch(const GNArgs& a, const T* dy, const T* x, const float* w, cons
   float *sdz = ws, *sdzxm = ws + a.N * a.C;
   if (!a.channels_last) {
     if (a.N * a.G > kMaxGrid) return "group_norm: N * num_groups exceeds the CUDA grid limit";
-    launch(nchw_bwd<T, V, Relu>, grid_of(a.N * a.G), kThreads, 0, st, dy, x, dx, w, b, mean, rstd, a.G, D, a.S, sdz,
-           sdzxm);
+    const int64_t cached = nchw_cache_packs(D * a.S / V, V * sizeof(T), 2);
+    launch(nchw_bwd<T, V, Relu>, grid_of(a.N * a.G), kThreads, size_t(2 * cached) * V * sizeof(T), st, dy, x, dx, w,
+           b, mean, rstd, a.G, D, a.S, cached, sdz, sdzxm);
   } else {
     const Tiles t(a.S, a.C, V);
     const int64_t NS = chunk_samples(a, 2 * sizeof(T)), P = partial_floats(a, 2 * sizeof(T));
@@ -636,8 +737,15 @@ Status bwd_launch(const GNArgs& a, const T* dy, const T* x, const float* w, cons
       launch(nhwc_bwd_dx<T, V, Relu>, grid_of(tiles), kThreads, 0, st, dy, x, dx, w, b, mean, rstd, qr, t, a.G, n0);
     }
   }
-  launch(param_grads, grid_of((a.C + kThreads - 1) / kThreads), kThreads, 0, st, rstd, sdz, sdzxm, a.N, a.C, a.G, dw,
-         db);
+  const int64_t P = param_slices(a.N), cblocks = (a.C + kThreads - 1) / kThreads;
+  float* pw = ws + bwd_floats_before_slices(a, sizeof(T));  // (P, C) rows of dweight, then of dbias
+  if (P == 1) {
+    launch(param_grads, grid_of(cblocks), kThreads, 0, st, rstd, sdz, sdzxm, a.N, a.C, a.G, dw, db);
+  } else {
+    if (P * cblocks > kMaxGrid) return "group_norm: N * C too large for the CUDA grid";
+    launch(param_grads, grid_of(P * cblocks), kThreads, 0, st, rstd, sdz, sdzxm, a.N, a.C, a.G, pw, pw + P * a.C);
+    launch(param_reduce, grid_of(cblocks), kThreads, 0, st, pw, pw + P * a.C, P, a.C, dw, db);
+  }
   return last_error();
 }
 
@@ -681,9 +789,8 @@ size_t group_norm_fwd_cuda_workspace(DType dt, const GNArgs& a) {
 
 size_t group_norm_bwd_cuda_workspace(DType dt, const GNArgs& a) {
   if (dt == DType::f64) return 0;
-  int64_t floats = 2 * a.N * a.C;  // sdz, sdzxm
-  if (a.channels_last) floats += 2 * partial_floats(a, 2 * elem_bytes(dt)) + 2 * a.N * a.G;  // p0, p1, qr
-  return size_t(floats) * sizeof(float);
+  const int64_t P = param_slices(a.N);
+  return size_t(bwd_floats_before_slices(a, elem_bytes(dt)) + (P > 1 ? 2 * P * a.C : 0)) * sizeof(float);
 }
 
 Status group_norm_fwd_cuda(DType dt, const GNArgs& a, const void* x, const void* weight, const void* bias, void* y,

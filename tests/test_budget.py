@@ -83,7 +83,7 @@ def test_worse_known_miss_and_stale_known_miss_fail():
 def test_cuda_launch_mirror_matches_source():
     src = (ROOT / "csrc" / "group_norm.cu").read_text()
     for name, value in budget.CUDA_CONSTANTS.items():
-        m = re.search(rf"(?:constexpr int {name} = |#define {name} )\(?(\d+)(?:ll << (\d+))?", src)
+        m = re.search(rf"(?:constexpr int(?:64_t)? {name} = |#define {name} )\(?(\d+)(?:ll)?(?: << (\d+))?", src)
         assert m, f"{name} not found in csrc/group_norm.cu: update bench/budget.py's mirror"
         assert int(m.group(1)) << int(m.group(2) or 0) == value, name
     # the host arithmetic the mirror follows (if these lines change, change cuda_launches/chunk_samples too)
@@ -96,15 +96,24 @@ def test_cuda_launch_mirror_matches_source():
     # issue 13's review: 256 x 56^2 at N=256 is 54 launches forward, 112 backward; 64 x 56^2 at N=64 was 62 + 2
     # samples (a 26-block tail), balanced into 32 + 32
     assert len(budget.cuda_launches("nhwc", 256, 56, 256, "fwd", blocks)) == 54
-    assert len(budget.cuda_launches("nhwc", 256, 56, 256, "bwd", blocks)) == 112
+    assert len(budget.cuda_launches("nhwc", 256, 56, 256, "bwd", blocks)) == 113  # + param_reduce
     grids = [g for k, g, _ in budget.cuda_launches("nhwc", 64, 56, 64, "fwd", blocks) if "moments" in k]
     assert grids == [32 * 13, 32 * 13]
+    # param_grads: slices of 16 samples over blocks of 256 channels, then one sum over the slices (none for N <= 16)
+    assert "param_slices(a.N)" in src and "return (N + kParamSlice - 1) / kParamSlice;" in src
+    assert budget.cuda_param_grads(256, 512) == [("param_grads", 32, 8 * 16 * 512), ("param_reduce", 2, 8 * 512)]
+    assert budget.cuda_param_grads(16, 64) == [("param_grads", 1, 8 * 64)]
+    # NCHW: 46 KB of each group in shared memory (half each for x and dy), at most 4 blocks per SM with it
+    assert "kNchwCacheBytes / (tensors * pack_bytes)" in src
+    (k, grid, b, bps), *_ = budget.cuda_launches("nchw", 256, 56, 256, "bwd", {"nchw_bwd<__nv_bfloat16, 8, true>": 6})
+    assert bps == 4 and b == 256 * 256 * 56 * 56 * 2 * 3 + 8 * 256 * 32  # the uncached rest (28 MB) stays in L2
 
 
 def test_traffic_model():
     assert budget.reread(10e6, 10e6) == 0.0  # fits: the re-read is an L2 hit
     assert budget.reread(50e6, 50e6) == 1.0  # the set alone overflows L2
     assert budget.reread(30e6, 20e6) == pytest.approx(0.5)  # the last half of the re-read was evicted by writes
+    assert budget.reread_streaming(39e6) == 0.0 and budget.reread_streaming(41e6) == 1.0  # evict-first writes
     assert budget.blocks_per_sm(183, 16384, 256) == 1 and budget.blocks_per_sm(128, 0, 256) == 2
     assert budget.blocks_per_sm(32, 0, 256) == 8 and budget.blocks_per_sm(32, 0, 128) == 16
 

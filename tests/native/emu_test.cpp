@@ -309,7 +309,8 @@ int main(int argc, char** argv) {
   // Shapes: every code path of group_norm.cu. NCHW: vector loads (S % V == 0, aligned) and scalar (odd S, or
   // pad = 1). NHWC: vector (C % V == 0) and scalar; more than one L2 chunk (small BITFAST_GN_L2_BYTES in the
   // sanitizer builds; --big: at the real 24 MB); D < V (C/G = 2 or 4 < 8 channels per 16-byte vector); C/G = 1;
-  // S = 1; N = 1; 13x17. Offsets of 1000 check the shifted two-pass statistics.
+  // S = 1; N = 1; 13x17; N = 33 (param_grads in 3 slices of n, the last one short); NCHW groups larger than the
+  // kernels' shared-memory cache (C/G * S = 12544). Offsets of 1000 check the shifted two-pass statistics.
   const std::vector<GNCase> common = {
       {2, 64, 64, 32, false, true, true, 0, 0},     {2, 64, 64, 32, false, true, true, 0, 1},
       {3, 32, 221, 8, false, false, true, 1000, 0}, {1, 16, 1, 16, false, true, false, 0, 0},
@@ -317,6 +318,8 @@ int main(int argc, char** argv) {
       {2, 64, 64, 32, true, true, true, 0, 1},      {3, 24, 221, 6, true, false, true, 1000, 0},
       {1, 16, 1, 16, true, true, false, 0, 0},      {2, 128, 49, 32, true, true, true, 0, 0},
       {4, 40, 15, 20, true, true, true, -2, 0},     {5, 48, 196, 16, true, true, true, 0, 0},
+      {33, 32, 9, 8, false, true, true, 0, 0},      {33, 32, 9, 8, true, true, true, 0, 0},  // 3 param_grads slices
+      {1, 16, 3136, 4, false, true, true, 0, 0},  // NCHW groups over the 46 KB shared-memory cache: partly re-read
   };
   gn_cases<float>(common);
   gn_cases<__half>(common);
