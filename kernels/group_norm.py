@@ -15,6 +15,8 @@ tiles of (BLOCK_R rows, BLOCK_C channels), loaded once, coalesced along C:
   2. one program per (n, g) merges its channels' partials over the B row blocks, then the channels into the group;
   3. the output pass on the same tiles, re-reading the chunk from L2.
 Element offsets: an int64 base per group (NCHW) or sample (NHWC), int32 offsets within it (fewer registers).
+y and dx are written with streaming stores (cache_modifier ".cs", st.global.cs: evict-first), as csrc/group_norm.cu
+does, so that the output stream does not evict the x (and dy) that the output pass is about to re-read from L2.
 """
 import os
 
@@ -98,7 +100,7 @@ def _nchw_fwd(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, G, D, S, eps, HAS_
         z = d * k[:, None] + h[:, None]
         if RELU:
             z = tl.where(z < 0.0, 0.0, z)  # not tl.maximum: NaN stays NaN, as in torch.relu
-        tl.store(yg + tile, z.to(y_ptr.dtype.element_ty), mask=msk)
+        tl.store(yg + tile, z.to(y_ptr.dtype.element_ty), mask=msk, cache_modifier=".cs")
     else:  # stats over flat BLOCK pieces, then the output pass over (channels, positions) tiles (an L2 re-read)
         offs = tl.arange(0, BLOCK)
         cnt = x0 * 0  # ACC scalars (a float literal would be fp32 even for fp64 input)
@@ -124,7 +126,7 @@ def _nchw_fwd(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, G, D, S, eps, HAS_
                 z = (tl.load(xg + o, mask=msk, other=0.0).to(ACC) - mu) * k[:, None] + h[:, None]
                 if RELU:
                     z = tl.where(z < 0.0, 0.0, z)
-                tl.store(yg + o, z.to(y_ptr.dtype.element_ty), mask=msk)
+                tl.store(yg + o, z.to(y_ptr.dtype.element_ty), mask=msk, cache_modifier=".cs")
 
 
 @triton.jit
@@ -166,7 +168,7 @@ def _nchw_bwd(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sdz_ptr, 
         c1 = div(tl.sum(tl.where(dm, wc * t0, 0.0), 0), tl.cast(M, ACC), ACC)
         c2 = div(rs * tl.sum(tl.where(dm, wc * t1, 0.0), 0), tl.cast(M, ACC), ACC)
         dx = dz * k[:, None] + xm * (-rs * rs * c2) + (-rs * c1)
-        tl.store(dxg + tile, dx.to(dx_ptr.dtype.element_ty), mask=msk)
+        tl.store(dxg + tile, dx.to(dx_ptr.dtype.element_ty), mask=msk, cache_modifier=".cs")
     else:
         gw = mu * 0  # ACC scalars
         gwxm = mu * 0
@@ -197,7 +199,7 @@ def _nchw_bwd(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, sdz_ptr, 
                 o = d0 * S + s0 + tile
                 xm, dz = _centered_grad(xg, dyg, o, msk, mu, k, h, RELU, ACC)
                 dx = dz * k[:, None] + xm * q + r
-                tl.store(dxg + o, dx.to(dx_ptr.dtype.element_ty), mask=msk)
+                tl.store(dxg + o, dx.to(dx_ptr.dtype.element_ty), mask=msk, cache_modifier=".cs")
 
 
 # ------------------------------------------------------------------------------------------------ NHWC
@@ -285,7 +287,7 @@ def _nhwc_normalize(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, n0, S, C, G,
     z = (tl.load(x_ptr + so + offs, mask=msk, other=0.0).to(ACC) - mu[None, :]) * k[None, :] + h[None, :]
     if RELU:
         z = tl.where(z < 0.0, 0.0, z)  # NaN stays NaN
-    tl.store(y_ptr + so + offs, z.to(y_ptr.dtype.element_ty), mask=msk)
+    tl.store(y_ptr + so + offs, z.to(y_ptr.dtype.element_ty), mask=msk, cache_modifier=".cs")
 
 
 @triton.jit
@@ -345,7 +347,7 @@ def _nhwc_bwd_dx(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, qr_ptr
     if RELU:
         dz = tl.where(xm * k[None, :] + h[None, :] <= 0.0, 0.0, dz)
     dx = dz * k[None, :] + xm * q[None, :] + r[None, :]
-    tl.store(dx_ptr + so + offs, dx.to(dx_ptr.dtype.element_ty), mask=msk)
+    tl.store(dx_ptr + so + offs, dx.to(dx_ptr.dtype.element_ty), mask=msk, cache_modifier=".cs")
 
 
 @triton.jit
