@@ -277,18 +277,19 @@ def cuda_param_grads(N, C):
 
 def serial_loop(kernel, N):
     """Iterations of a kernel's serial loop of dependent L2 loads over n (param_grads's; 0 for the others)."""
-    if kernel == "param_grads":  # CUDA: one slice of n
+    if kernel in ("param_grads", "_param_grads"):  # CUDA: one slice of n (Triton: the same slices, PARAM_SLICE)
         return min(N, CUDA_CONSTANTS["BITFAST_GN_PARAM_SLICE"])
-    if kernel == "param_reduce":  # CUDA: the slices
+    if kernel in ("param_reduce", "_param_reduce"):  # CUDA: the slices (Triton: _param_grads over the slices)
         return -(-N // CUDA_CONSTANTS["BITFAST_GN_PARAM_SLICE"])
     return N if "param" in kernel else 0
 
 
 def triton_bytes(layout, C, H, N, direction, calls, kernels):
-    """[(kernel, grid, DRAM bytes)] of the Triton launches of one op call: the same model. NCHW: a group that fits
-    one tile (kernels/group_norm.py _nchw_blocks) is read once, from registers; a larger one is re-read from L2.
-    NHWC: sample chunks as CUDA's (the launches are the launcher's own; each chunk's ns is read off its grid).
-    Outputs are streaming stores in both layouts, so the re-read misses only where the re-read set outgrows L2."""
+    """[(kernel, grid, DRAM bytes, blocks per SM)] of the Triton launches of one op call: the same model. NCHW: a
+    group that fits one tile (kernels/group_norm.py _nchw_blocks) is read once, from registers; a larger one is
+    re-read from L2. NHWC: sample chunks as CUDA's (the launches are the launcher's own; each chunk's ns is read off
+    its grid). Outputs are streaming stores in both layouts, so the re-read misses only where the re-read set
+    outgrows L2. dweight/dbias: _param_grads over slices of n, then (P > 1) over the slices ("_param_reduce")."""
     from bitfast.kernels import group_norm as gn
 
     S, D, E, nb = H * H, C // GROUPS, DTYPE_BYTES, (1 if direction == "fwd" else 2)
@@ -312,9 +313,13 @@ def triton_bytes(layout, C, H, N, direction, calls, kernels):
             b = Xc * (1 + reread_streaming(Xc))
         elif name == "_nhwc_bwd_dx":
             b = Xc * (reread_streaming(Xc) + 0.5)
-        else:  # _nhwc_group_stats, _nhwc_bwd_group, _param_grads: workspace writes only
-            b = {"_nhwc_group_stats": 8 * ns * GROUPS, "_nhwc_bwd_group": 8 * ns * (C + GROUPS)}.get(name, 8 * C)
-        out.append((name, grid, b))
+        elif name == "_param_grads":  # over P slices of n into (P, C) rows, then (P > 1) a second launch over them
+            P = -(-N // gn.PARAM_SLICE)
+            name = "_param_reduce" if any(k == "_param_grads" for k, *_ in out) else name
+            b = 8 * C * (P if name == "_param_grads" and P > 1 else 1)
+        else:  # _nhwc_group_stats, _nhwc_bwd_group: workspace writes only
+            b = {"_nhwc_group_stats": 8 * ns * GROUPS, "_nhwc_bwd_group": 8 * ns * (C + GROUPS)}[name]
+        out.append((name, grid, b, kernels[key]["blocks_per_sm"]))
     return out
 
 

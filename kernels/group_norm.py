@@ -351,18 +351,23 @@ def _nhwc_bwd_dx(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, qr_ptr
 
 
 @triton.jit
-def _param_grads(rstd_ptr, sdz_ptr, sdzxm_ptr, dw_ptr, db_ptr, N, C, G, D, ACC: tl.constexpr,
+def _param_grads(rstd_ptr, a_ptr, b_ptr, dw_ptr, db_ptr, R, C, G, D, SLICE, SCALE: tl.constexpr, ACC: tl.constexpr,
                  BLOCK_C: tl.constexpr):
+    """Program (channel block, slice s) sums rows [s * SLICE, min(R, (s + 1) * SLICE)) of the (R, C) tables a, b in
+    increasing order into row s of dw, db: SCALE: a = sdzxm weighted by rstd, b = sdz (rows: n); else the slices."""
     ch = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = ch < C
+    s = tl.program_id(1)
     tw = tl.zeros([BLOCK_C], ACC)
     tb = tl.zeros([BLOCK_C], ACC)
-    for n in range(0, N):  # n in increasing order: deterministic
-        rs = tl.load(rstd_ptr + n * G + ch // D, mask=cm, other=0.0)
-        tw += rs * tl.load(sdzxm_ptr + n * C + ch, mask=cm, other=0.0)
-        tb += tl.load(sdz_ptr + n * C + ch, mask=cm, other=0.0)
-    tl.store(dw_ptr + ch, tw, mask=cm)
-    tl.store(db_ptr + ch, tb, mask=cm)
+    for r in range(s * SLICE, tl.minimum(R, (s + 1) * SLICE)):  # increasing order: deterministic
+        v = tl.load(a_ptr + r * C + ch, mask=cm, other=0.0)
+        if SCALE:
+            v = v * tl.load(rstd_ptr + r * G + ch // D, mask=cm, other=0.0)
+        tw += v
+        tb += tl.load(b_ptr + r * C + ch, mask=cm, other=0.0)
+    tl.store(dw_ptr + s * C + ch, tw, mask=cm)
+    tl.store(db_ptr + s * C + ch, tb, mask=cm)
 
 
 # ------------------------------------------------------------------------------------------------ launchers
@@ -499,6 +504,22 @@ def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, relu):
                                        BLOCK_D=_p2(D))
             _nhwc_bwd_dx[tiles](dy, x, dx, w, b, mean, rstd, qr, n0, S, C, G, D, NB, NCB, has_w, has_b, relu, ACC,
                                 BLOCK_R=br, BLOCK_C=bc)
-    bc = min(_p2(C), 256)
-    _param_grads[(triton.cdiv(C, bc),)](rstd, sdz, sdzxm, dw, db, N, C, G, D, ACC, BLOCK_C=bc)
+    _reduce_params(rstd, sdz, sdzxm, dw, db, N, C, G, D, ACC)
     return dx, dw, db
+
+
+# dweight/dbias over n: P = ceil(N / PARAM_SLICE) slices summed in parallel, then the P slices in order (P > 1),
+# as csrc/group_norm.cu's param_grads: one program's serial loop of N dependent loads (bench/budget.py models ~50 ns
+# per n: 12.8 us at N = 256) becomes two of 16 and N / 16. Fixed slices, fixed order: bit-identical reruns.
+PARAM_SLICE = 16
+
+
+def _reduce_params(rstd, sdz, sdzxm, dw, db, N, C, G, D, ACC):
+    bc, P = min(_p2(C), 256), triton.cdiv(N, PARAM_SLICE)
+    grid = (triton.cdiv(C, bc), P)
+    if P == 1:
+        _param_grads[grid](rstd, sdzxm, sdz, dw, db, N, C, G, D, PARAM_SLICE, True, ACC, BLOCK_C=bc)
+        return
+    part = torch.empty((2, P, C), dtype=dw.dtype, device=dw.device)
+    _param_grads[grid](rstd, sdzxm, sdz, part[0], part[1], N, C, G, D, PARAM_SLICE, True, ACC, BLOCK_C=bc)
+    _param_grads[(grid[0], 1)](rstd, part[0], part[1], dw, db, P, C, G, D, P, False, ACC, BLOCK_C=bc)

@@ -430,3 +430,15 @@ def test_triton_chunks_mirror_cuda():
         for nb in (2, 4):
             assert tgn.chunk_samples(N, C * H * H, nb) == budget.chunk_samples(N, H * H, C, nb)
     assert tgn.chunk_samples(64, 64 * 56 * 56, 2) == 32  # 62 + 2 balanced into 32 + 32
+    assert tgn.PARAM_SLICE == budget.CUDA_CONSTANTS["BITFAST_GN_PARAM_SLICE"]
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_triton_param_grads_slices(backend, device, channels_last, monkeypatch):
+    """dweight/dbias over slices of n, then the slices: 17 samples (16 + 1), and 5 in slices of 2 (2 + 2 + 1)."""
+    from bitfast.kernels import group_norm as tgn
+
+    run_criterion(backend, device, (17, 8, 3, 2), 4, torch.float32, channels_last)
+    monkeypatch.setattr(tgn, "PARAM_SLICE", 2)
+    run_criterion(backend, device, (5, 8, 4, 4), 4, torch.float32, channels_last, relu=False)
