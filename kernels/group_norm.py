@@ -391,12 +391,12 @@ def _geometry(x, num_groups):
 
 # NCHW programs: int32 offsets on the group's int64 base. A group that fits one tile of NCHW_TILE elements (8 warps,
 # 16 per thread) is read once, from registers (ONE). A larger one is read twice (statistics, then the output pass,
-# an L2 re-read) by wider programs over larger tiles: fewer programs per SM keep fewer groups in flight, so that the
-# re-read still finds its group in L2. Programs of 16 warps (2048 threads per SM hold 4), or of 32 (2 per SM) when
-# the group's x (backward: x and dy) outgrows NCHW_WIDE_BYTES; backward tiles are half as large (two tensors).
-# All <= 128 registers, no spills: 2+ programs of 256 threads (or 1+ of 512 or more) per SM at every BiT shape.
+# an L2 re-read) by wider programs: fewer programs per SM keep fewer groups in flight, so that the re-read still
+# finds its group in L2. Programs of 16 warps (at most 4 per SM), or of 32 (2 per SM) when the group's x (backward:
+# x and dy) outgrows NCHW_WIDE_BYTES (BiT's 256x56^2 backward: 100 KB in bf16); 8 elements per thread, 4 backward
+# at 16 warps (x and dy per tile). All <= 128 registers, no spills: >= 512 threads per SM at every BiT shape.
 NCHW_TILE, NCHW_WARPS, NCHW_WIDE_BYTES = 4096, 8, 64 << 10
-NCHW_BIG = {("fwd", 16): 8192, ("fwd", 32): 8192, ("bwd", 16): 2048, ("bwd", 32): 4096}  # (dir, warps) -> tile
+NCHW_BIG = {("fwd", 16): 4096, ("fwd", 32): 8192, ("bwd", 16): 2048, ("bwd", 32): 4096}  # (dir, warps) -> tile
 
 
 def _nchw_blocks(D, S, nbytes, direction="fwd"):
