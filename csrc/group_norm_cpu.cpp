@@ -52,6 +52,7 @@ constexpr int kLanes = 16;                 // independent partial sums: SIMD wit
 constexpr int64_t kChunk = 1024;           // NCHW: elements per exact two-pass piece (4 KiB of fp32: L1)
 constexpr int64_t kRows = 64;              // NHWC: rows per block (the partials add 2/64 of x's size)
 constexpr int64_t kCacheElems = 1 << 19;   // NHWC: elements per sample chunk (x and dy of a chunk stay in cache)
+constexpr int64_t kParamSlice = 16;        // dweight/dbias: samples per slice, = BITFAST_GN_PARAM_SLICE of the .cu
 constexpr int64_t kParallelMin = 1 << 14;  // fewer elements than this stay on one thread
 
 template <typename T, typename A> inline A ld(const T* p, int64_t i) { return static_cast<A>(p[i]); }
@@ -518,19 +519,24 @@ void bwd_nhwc(const GNArgs& a, const T* dy, const T* x, const A* w, const A* b, 
   });
 }
 
-// dweight[c] = sum_n rstd[n, g] * sdzxm[n, c],  dbias[c] = sum_n sdz[n, c], n in increasing order.
+// dweight[c] = sum_n rstd[n, g] * sdzxm[n, c],  dbias[c] = sum_n sdz[n, c], in csrc/group_norm.cu's order: n in
+// increasing order within slices of kParamSlice samples, then the slices in increasing order. Channels in parallel.
 template <typename A>
 void reduce_param_grads(const GNArgs& a, const A* rstd, const A* sdz, const A* sdzxm, A* dw, A* db) {
   const int64_t D = a.C / a.G;
-  for (int64_t c = 0; c < a.C; ++c) {
+  for_range(a.N * a.C >= kParallelMin, a.C, [&](int64_t c) {
     A tw = 0, tb = 0;
-    for (int64_t n = 0; n < a.N; ++n) {
-      tw += rstd[n * a.G + c / D] * sdzxm[n * a.C + c];
-      tb += sdz[n * a.C + c];
+    for (int64_t n0 = 0; n0 < a.N; n0 += kParamSlice) {
+      A sw = 0, sb = 0;
+      for (int64_t n = n0; n < std::min(a.N, n0 + kParamSlice); ++n) {
+        sw += rstd[n * a.G + c / D] * sdzxm[n * a.C + c];
+        sb += sdz[n * a.C + c];
+      }
+      tw += sw, tb += sb;
     }
     dw[c] = tw;
     db[c] = tb;
-  }
+  });
 }
 
 // ------------------------------------------------------------------------------------------------ dispatch

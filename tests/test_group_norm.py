@@ -184,6 +184,22 @@ def test_dweight_dbias_deterministic(backend, device, channels_last):
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
+def test_cpu_twin_param_slice_is_the_cuda_one():
+    """dweight/dbias sum n in slices, then the slices, in the same order on every backend: the constants agree."""
+    import re
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "csrc"
+    cuda = re.search(r"#define BITFAST_GN_PARAM_SLICE (\d+)", (src / "group_norm.cu").read_text())
+    cpu = re.search(r"constexpr int64_t kParamSlice = (\d+);", (src / "group_norm_cpu.cpp").read_text())
+    assert cuda and cpu and cuda.group(1) == cpu.group(1)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_param_grads_over_three_slices(channels_last):
+    run_criterion("cpu", "cpu", (33, 8, 3, 2), 4, torch.float32, channels_last)  # 16 + 16 + 1 samples
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape,G", [((3, 64, 20, 20), 16), ((6, 2048, 7, 7), 32)])
 def test_cpu_bitwise_same_for_any_thread_count(channels_last, shape, G):
