@@ -238,7 +238,7 @@ def cuda_launches(layout, C, H, N, direction, blocks):
     """CUDA launches of one op call -> [(kernel, grid, DRAM bytes[, blocks per SM])]; blocks: kernel -> blocks per
     SM from ptxas, overridden in the 4th field where dynamic shared memory allows fewer."""
     S, D, E, G = H * H, C // GROUPS, DTYPE_BYTES, GROUPS
-    V = 8 if layout == "nhwc" or S % 8 == 0 else 1  # with_vec: 16-byte packs when C (NHWC) or S (NCHW) % 8 == 0
+    V = 8 if layout == "nhwc" else math.gcd(S, 8)  # with_vec: 16-byte NHWC packs; NCHW: the widest dividing S
     T = "__nv_bfloat16"
     if layout == "nchw":
         k = f"nchw_{direction}<{T}, {V}, true>"

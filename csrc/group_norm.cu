@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <type_traits>
 
 #include "cuda_launch.h"
@@ -51,24 +52,12 @@ template <> __device__ __forceinline__ float from_f<float>(float v) { return v; 
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-__device__ __forceinline__ float bits_to_f(uint32_t u) {
-#ifdef __CUDA_ARCH__
-  return __uint_as_float(u);
-#else
-  float f;
-  memcpy(&f, &u, sizeof f);
-  return f;
-#endif
-}
-
-__device__ __forceinline__ uint32_t f_to_bits(float f) {
-#ifdef __CUDA_ARCH__
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  memcpy(&u, &f, sizeof u);
-  return u;
-#endif
+// The bits of v as a To (__uint_as_float and the like; memcpy compiles to a move, also in the emulator's build).
+template <typename To, typename From> __device__ __forceinline__ To bits_as(From v) {
+  static_assert(sizeof(To) == sizeof(From), "bits_as: sizes differ");
+  To t;
+  memcpy(&t, &v, sizeof t);
+  return t;
 }
 
 // V consecutive elements, loaded/stored as one 16-byte access when V * sizeof(T) == 16; get/put convert one element
@@ -85,7 +74,7 @@ template <typename T, int V> struct alignas(sizeof(T) * V) Pack<T, V, true> {
   uint32_t w[V / 2];
   __device__ __forceinline__ float get(int j) const {
     if constexpr (std::is_same<T, __nv_bfloat16>::value)
-      return bits_to_f(j % 2 ? w[j / 2] & 0xffff0000u : w[j / 2] << 16);
+      return bits_as<float>(j % 2 ? w[j / 2] & 0xffff0000u : w[j / 2] << 16);
     else
       return __half2float(__ushort_as_half(static_cast<unsigned short>(j % 2 ? w[j / 2] >> 16 : w[j / 2])));
   }
@@ -117,7 +106,7 @@ template <typename T, int V, bool Wd> __device__ __forceinline__ void store_cs(T
     __stcs(reinterpret_cast<unsigned*>(p), v.w[0]);
   } else if constexpr (std::is_same<T, float>::value && V == 4) {
     uint4 u;
-    u.x = f_to_bits(v.v[0]), u.y = f_to_bits(v.v[1]), u.z = f_to_bits(v.v[2]), u.w = f_to_bits(v.v[3]);
+    u.x = bits_as<uint32_t>(v.v[0]), u.y = bits_as<uint32_t>(v.v[1]), u.z = bits_as<uint32_t>(v.v[2]), u.w = bits_as<uint32_t>(v.v[3]);
     __stcs(reinterpret_cast<uint4*>(p), u);
   } else if constexpr (std::is_same<T, float>::value && V == 2) {
     float2 u;
@@ -238,8 +227,9 @@ __global__ void __launch_bounds__(kThreads) nchw_fwd(const T* __restrict__ x, T*
   const float mu = x0 + m.mean, rs = 1.f / sqrtf(m.m2 / float(M) + eps);
   if (threadIdx.x == 0) mean[ng] = mu, rstd[ng] = rs;
   const int64_t c0 = (ng % G) * D;
-  for (int64_t i = int64_t(threadIdx.x) * V; i < M; i += step) {  // S % V == 0: a pack lies in one channel
-    const int64_t c = c0 + i / S;
+  const int64_t dc = step / S, dr = step % S;  // S % V == 0: a pack lies in one channel
+  int64_t c = c0 + int64_t(threadIdx.x) * V / S, rem = int64_t(threadIdx.x) * V % S;  // channel counter of i
+  for (int64_t i = int64_t(threadIdx.x) * V; i < M; i += step, rem += dr, c += dc + (rem >= S), rem -= rem >= S ? S : 0) {
     const float k = w ? rs * w[c] : rs, h = b ? b[c] : 0.f;
     Pack<T, V> p = i / V < cached ? cx[i / V] : load<T, V>(xg + i);  // cx: after block_merge's barriers
 #pragma unroll
@@ -270,10 +260,14 @@ __global__ void __launch_bounds__(kThreads) nchw_bwd(const T* __restrict__ dy, c
   T* dxg = dx + ng * M;
   const float mu = mean[ng], rs = rstd[ng];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int64_t d = warp; d < D; d += kWarps) {
+  // D < kWarps: P = kWarps / D warps per channel (else the other warps would idle); their parts are summed in part
+  // order through s_part.
+  __shared__ float2 s_part[kWarps];
+  const int Dw = D < kWarps ? int(D) : kWarps, P = kWarps / Dw, part = warp / Dw;
+  for (int64_t d = warp % Dw; part < P && d < D; d += Dw) {
     const float k = w ? rs * w[c0 + d] : rs, h = b ? b[c0 + d] : 0.f;
     float s0 = 0.f, s1 = 0.f;
-    for (int64_t i = d * S + int64_t(lane) * V; i < (d + 1) * S; i += 32 * V) {
+    for (int64_t i = d * S + (int64_t(part) * 32 + lane) * V; i < (d + 1) * S; i += int64_t(32) * V * P) {
       const Pack<T, V> px = load<T, V>(xg + i), pg = load<T, V>(gg + i);
       if (i / V < cached) cx[i / V] = px, cx[cached + i / V] = pg;
 #pragma unroll
@@ -287,9 +281,18 @@ __global__ void __launch_bounds__(kThreads) nchw_bwd(const T* __restrict__ dy, c
     }
     s0 = warp_sum(s0);
     s1 = warp_sum(s1);
-    if (lane == 0) sdz[nc0 + d] = s0, sdzxm[nc0 + d] = s1;
+    if (lane == 0 && P == 1) sdz[nc0 + d] = s0, sdzxm[nc0 + d] = s1;
+    if (lane == 0 && P > 1) s_part[warp] = make_float2(s0, s1);  // warp = part * D + d
   }
-  __syncthreads();  // makes this block's sdz/sdzxm writes visible to all its threads
+  __syncthreads();  // makes this block's sdz/sdzxm (or s_part) writes visible to all its threads
+  if (P > 1) {  // uniform over the block
+    if (threadIdx.x < D) {
+      float t0 = 0.f, t1 = 0.f;
+      for (int pp = 0; pp < P; ++pp) t0 += s_part[pp * D + threadIdx.x].x, t1 += s_part[pp * D + threadIdx.x].y;
+      sdz[nc0 + threadIdx.x] = t0, sdzxm[nc0 + threadIdx.x] = t1;
+    }
+    __syncthreads();
+  }
   float a0 = 0.f, a1 = 0.f;
   for (int64_t d = threadIdx.x; d < D; d += kThreads) {
     const float wc = w ? w[c0 + d] : 1.f;
@@ -298,8 +301,9 @@ __global__ void __launch_bounds__(kThreads) nchw_bwd(const T* __restrict__ dy, c
   }
   const float2 t = block_sum2(a0, a1);
   const float c1 = t.x / float(M), c2 = rs * t.y / float(M), q = -rs * rs * c2, r = -rs * c1;
-  for (int64_t i = int64_t(threadIdx.x) * V; i < M; i += int64_t(kThreads) * V) {
-    const int64_t c = c0 + i / S;
+  const int64_t step = int64_t(kThreads) * V, dc = step / S, dr = step % S;
+  int64_t c = c0 + int64_t(threadIdx.x) * V / S, rem = int64_t(threadIdx.x) * V % S;  // channel counter of i
+  for (int64_t i = int64_t(threadIdx.x) * V; i < M; i += step, rem += dr, c += dc + (rem >= S), rem -= rem >= S ? S : 0) {
     const float k = w ? rs * w[c] : rs, h = b ? b[c] : 0.f;
     const bool hit = i / V < cached;  // after the barriers of block_sum2: written by any warp above
     const Pack<T, V> px = hit ? cx[i / V] : load<T, V>(xg + i), pg = hit ? cx[cached + i / V] : load<T, V>(gg + i);
@@ -679,7 +683,12 @@ int64_t bwd_floats_before_slices(const GNArgs& a, int64_t bytes) {
   return floats;
 }
 
-bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+// The OR of the addresses: aligned to n bytes (a power of 2) iff addr_bits % n == 0.
+uintptr_t addr_bits(std::initializer_list<const void*> ps) {
+  uintptr_t bits = 0;
+  for (const void* p : ps) bits |= reinterpret_cast<uintptr_t>(p);
+  return bits;
+}
 
 Status last_error() {
   const cudaError_t e = cudaGetLastError();
@@ -699,16 +708,18 @@ Status fwd_launch(const GNArgs& a, const T* x, const float* w, const float* b, T
            rstd, a.G, D, a.S, cached, float(a.eps));
     return last_error();
   }
-  const Tiles t(a.S, a.C, V);
-  const int64_t NS = chunk_samples(a, sizeof(T));
-  float *pm = ws, *pq = ws + partial_floats(a, sizeof(T));
-  for (int64_t n0 = 0; n0 < a.N; n0 += NS) {
-    const int64_t ns = a.N - n0 < NS ? a.N - n0 : NS, tiles = ns * t.B * t.CB;
-    if (tiles > kMaxGrid) return "group_norm: input too large for the CUDA grid";
-    launch(nhwc_moments<T, V>, grid_of(tiles), kThreads, 0, st, x, t, n0, pm, pq);
-    launch(nhwc_group_stats<T>, grid_of((ns * a.G + kWarps - 1) / kWarps), kThreads, 0, st, x, pm, pq, t, a.G, n0,
-           ns, float(a.eps), mean, rstd);
-    launch(nhwc_normalize<T, V, Relu>, grid_of(tiles), kThreads, 0, st, x, y, w, b, mean, rstd, t, a.G, n0);
+  if constexpr (V == 1 || V * sizeof(T) == 16) {  // NHWC: 16-byte packs or scalars (with_vec)
+    const Tiles t(a.S, a.C, V);
+    const int64_t NS = chunk_samples(a, sizeof(T));
+    float *pm = ws, *pq = ws + partial_floats(a, sizeof(T));
+    for (int64_t n0 = 0; n0 < a.N; n0 += NS) {
+      const int64_t ns = a.N - n0 < NS ? a.N - n0 : NS, tiles = ns * t.B * t.CB;
+      if (tiles > kMaxGrid) return "group_norm: input too large for the CUDA grid";
+      launch(nhwc_moments<T, V>, grid_of(tiles), kThreads, 0, st, x, t, n0, pm, pq);
+      launch(nhwc_group_stats<T>, grid_of((ns * a.G + kWarps - 1) / kWarps), kThreads, 0, st, x, pm, pq, t, a.G,
+             n0, ns, float(a.eps), mean, rstd);
+      launch(nhwc_normalize<T, V, Relu>, grid_of(tiles), kThreads, 0, st, x, y, w, b, mean, rstd, t, a.G, n0);
+    }
   }
   return last_error();
 }
@@ -723,7 +734,7 @@ Status bwd_launch(const GNArgs& a, const T* dy, const T* x, const float* w, cons
     const int64_t cached = nchw_cache_packs(D * a.S / V, V * sizeof(T), 2);
     launch(nchw_bwd<T, V, Relu>, grid_of(a.N * a.G), kThreads, size_t(2 * cached) * V * sizeof(T), st, dy, x, dx, w,
            b, mean, rstd, a.G, D, a.S, cached, sdz, sdzxm);
-  } else {
+  } else if constexpr (V == 1 || V * sizeof(T) == 16) {  // NHWC: 16-byte packs or scalars (with_vec)
     const Tiles t(a.S, a.C, V);
     const int64_t NS = chunk_samples(a, 2 * sizeof(T)), P = partial_floats(a, 2 * sizeof(T));
     float *p0 = sdzxm + a.N * a.C, *p1 = p0 + P;
@@ -749,20 +760,25 @@ Status bwd_launch(const GNArgs& a, const T* dy, const T* x, const float* w, cons
   return last_error();
 }
 
-// Picks V (16-byte packs when the layout and the pointers allow) and the ReLU flag.
-template <typename T, typename F> Status with_vec(const GNArgs& a, bool aligned, F&& f) {
+// Picks V and the ReLU flag: 16-byte packs when C (NHWC) or S (NCHW) and the pointers allow; NCHW also 8- and
+// 4-byte packs, the widest that divides S (gcd(S, 16 / sizeof(T))): 14^2 layers get 8-byte bf16 packs, not scalars.
+template <typename T, typename F> Status with_vec(const GNArgs& a, uintptr_t addr_bits, F&& f) {
   constexpr int V = 16 / sizeof(T);
-  const bool vec = aligned && (a.channels_last ? a.C % V == 0 : a.S % V == 0);
-  if (vec) return a.relu ? f(std::integral_constant<int, V>(), std::true_type())
-                         : f(std::integral_constant<int, V>(), std::false_type());
-  return a.relu ? f(std::integral_constant<int, 1>(), std::true_type())
-                : f(std::integral_constant<int, 1>(), std::false_type());
+  const auto go = [&](auto v) { return a.relu ? f(v, std::true_type()) : f(v, std::false_type()); };
+  const auto fits = [&](int v) {
+    return addr_bits % (v * sizeof(T)) == 0 && (a.channels_last ? a.C : a.S) % v == 0;
+  };
+  if (fits(V)) return go(std::integral_constant<int, V>());
+  if (!a.channels_last && fits(V / 2)) return go(std::integral_constant<int, V / 2>());
+  if constexpr (V / 4 > 1)
+    if (!a.channels_last && fits(V / 4)) return go(std::integral_constant<int, V / 4>());
+  return go(std::integral_constant<int, 1>());
 }
 
 template <typename T>
 Status fwd_typed(const GNArgs& a, const void* x, const void* w, const void* b, void* y, void* mean, void* rstd,
                  void* ws, cudaStream_t st) {
-  return with_vec<T>(a, aligned16(x) && aligned16(y), [&](auto v, auto relu) {
+  return with_vec<T>(a, addr_bits({x, y}), [&](auto v, auto relu) {
     return fwd_launch<T, decltype(v)::value, decltype(relu)::value>(
         a, static_cast<const T*>(x), static_cast<const float*>(w), static_cast<const float*>(b), static_cast<T*>(y),
         static_cast<float*>(mean), static_cast<float*>(rstd), static_cast<float*>(ws), st);
@@ -772,7 +788,7 @@ Status fwd_typed(const GNArgs& a, const void* x, const void* w, const void* b, v
 template <typename T>
 Status bwd_typed(const GNArgs& a, const void* dy, const void* x, const void* w, const void* b, const void* mean,
                  const void* rstd, void* dx, void* dw, void* db, void* ws, cudaStream_t st) {
-  return with_vec<T>(a, aligned16(dy) && aligned16(x) && aligned16(dx), [&](auto v, auto relu) {
+  return with_vec<T>(a, addr_bits({dy, x, dx}), [&](auto v, auto relu) {
     return bwd_launch<T, decltype(v)::value, decltype(relu)::value>(
         a, static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const float*>(w),
         static_cast<const float*>(b), static_cast<const float*>(mean), static_cast<const float*>(rstd),

@@ -306,8 +306,8 @@ int main(int argc, char** argv) {
   const bool big = argc > 1 && std::string(argv[1]) == "--big";
   std::printf("emu_test seed %llu (BITFAST_EMU_SEED=%llu reproduces)%s\n", (unsigned long long)seed,
               (unsigned long long)seed, big ? " --big" : "");
-  // Shapes: every code path of group_norm.cu. NCHW: vector loads (S % V == 0, aligned) and scalar (odd S, or
-  // pad = 1). NHWC: vector (C % V == 0) and scalar; more than one L2 chunk (small BITFAST_GN_L2_BYTES in the
+  // Shapes: every code path of group_norm.cu. NCHW: vector loads (S % V == 0, aligned; 2-byte types also 8- and
+  // 4-byte packs for S % 8 = 4, 2) and scalar (odd S, or pad = 1); C/G < 8 (warps split within a channel). NHWC: vector (C % V == 0) and scalar; more than one L2 chunk (small BITFAST_GN_L2_BYTES in the
   // sanitizer builds; --big: at the real 24 MB); D < V (C/G = 2 or 4 < 8 channels per 16-byte vector); C/G = 1;
   // S = 1; N = 1; 13x17; N = 33 (param_grads in 3 slices of n, the last one short); NCHW groups larger than the
   // kernels' shared-memory cache (C/G * S = 12544). Offsets of 1000 check the shifted two-pass statistics.
@@ -319,7 +319,8 @@ int main(int argc, char** argv) {
       {1, 16, 1, 16, true, true, false, 0, 0},      {2, 128, 49, 32, true, true, true, 0, 0},
       {4, 40, 15, 20, true, true, true, -2, 0},     {5, 48, 196, 16, true, true, true, 0, 0},
       {33, 32, 9, 8, false, true, true, 0, 0},      {33, 32, 9, 8, true, true, true, 0, 0},  // 3 param_grads slices
-      {1, 16, 3136, 4, false, true, true, 0, 0},  // NCHW groups over the 46 KB shared-memory cache: partly re-read
+      {1, 16, 3136, 4, false, true, true, 1, 0},  // NCHW groups over the 46 KB shared-memory cache: partly re-read
+      {2, 64, 196, 32, false, true, true, 0, 0},    {2, 48, 50, 16, false, true, true, 0.5, 0},  // S % 8 = 4, 2
   };
   gn_cases<float>(common);
   gn_cases<__half>(common);
