@@ -426,9 +426,12 @@ def chunk_samples(N, S_C, nbytes):
     return -(-N // -(-N // cap))
 
 
+NHWC_TILE, NHWC_WARPS = 8192, 8  # 32 elements per thread; 64 rows per tile at C >= 128: (N, S / 64, C) partials
+
+
 def _nhwc_blocks(C):
     bc = min(_p2(C), 128)
-    return max(1, 4096 // bc), bc  # (BLOCK_R, BLOCK_C): 4096 elements per tile
+    return max(1, NHWC_TILE // bc), bc  # (BLOCK_R, BLOCK_C)
 
 
 def _flags(weight, bias, x):
@@ -462,11 +465,11 @@ def group_norm_fwd(x, weight, bias, num_groups, eps, relu):
     for n0 in range(0, N, NS):  # x of a chunk is re-read by _nhwc_normalize from L2
         ns = min(NS, N - n0)
         tiles = (ns * NB * NCB,)
-        _nhwc_moments[tiles](x, pm, pq, n0, S, C, NB, NCB, ACC, BLOCK_R=br, BLOCK_C=bc)
+        _nhwc_moments[tiles](x, pm, pq, n0, S, C, NB, NCB, ACC, BLOCK_R=br, BLOCK_C=bc, num_warps=NHWC_WARPS)
         _nhwc_group_stats[(ns * G,)](x, pm, pq, mean, rstd, n0, S, C, G, D, NB, eps, ACC, BLOCK_R=br,
                                      BLOCK_D=_p2(D))
         _nhwc_normalize[tiles](x, y, w, b, mean, rstd, n0, S, C, G, D, NB, NCB, has_w, has_b, relu, ACC,
-                               BLOCK_R=br, BLOCK_C=bc)
+                               BLOCK_R=br, BLOCK_C=bc, num_warps=NHWC_WARPS)
     return y, mean, rstd
 
 
@@ -499,11 +502,11 @@ def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, relu):
             ns = min(NS, N - n0)
             tiles = (ns * NB * NCB,)
             _nhwc_bwd_sums[tiles](dy, x, w, b, mean, rstd, p0, p1, n0, S, C, G, D, NB, NCB, has_w, has_b, relu,
-                                  ACC, BLOCK_R=br, BLOCK_C=bc)
+                                  ACC, BLOCK_R=br, BLOCK_C=bc, num_warps=NHWC_WARPS)
             _nhwc_bwd_group[(ns * G,)](p0, p1, w, rstd, sdz, sdzxm, qr, n0, S, C, G, D, NB, has_w, ACC,
                                        BLOCK_D=_p2(D))
             _nhwc_bwd_dx[tiles](dy, x, dx, w, b, mean, rstd, qr, n0, S, C, G, D, NB, NCB, has_w, has_b, relu, ACC,
-                                BLOCK_R=br, BLOCK_C=bc)
+                                BLOCK_R=br, BLOCK_C=bc, num_warps=NHWC_WARPS)
     _reduce_params(rstd, sdz, sdzxm, dw, db, N, C, G, D, ACC)
     return dx, dw, db
 

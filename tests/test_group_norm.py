@@ -417,9 +417,10 @@ def test_triton_nhwc_l2_chunks(backend, device, dtype, monkeypatch):
     balanced chunks forward (2 + 2 + 1 samples in fp32) and one sample per chunk backward, two row blocks each."""
     from bitfast.kernels import group_norm as tgn
 
-    shape, G = (5, 16, 20, 20), 4
-    monkeypatch.setattr(tgn, "L2_BYTES", 60000)  # 6400-element samples: fp32 2+2+1 / 1 each, fp16 3+2 / 2+2+1
-    assert [tgn.chunk_samples(5, 16 * 400, e) for e in (4, 8, 2)] == [2, 1, 3]
+    shape, G = (5, 16, 24, 24), 4
+    monkeypatch.setattr(tgn, "L2_BYTES", 90000)  # 9216-element samples: fp32 2+2+1 / 1 each, fp16 3+2 / 2+2+1
+    assert [tgn.chunk_samples(5, 16 * 576, e) for e in (4, 8, 2)] == [2, 1, 3]
+    assert -(-576 // tgn._nhwc_blocks(16)[0]) == 2  # row blocks per sample
     run_criterion(backend, device, shape, G, dtype, True, relu=True)
     run_criterion(backend, device, shape, G, dtype, True, relu=False, affine=False, offset=1000.0 if
                   dtype == torch.float32 else 0.0)
