@@ -5,11 +5,14 @@
 //   - Backward: sdz = sum dz, sdzxm = sum dz * (x - mean) per (n, c), dz = dy masked by the recomputed z > 0;
 //     dx = dz * (rstd w) + (x - mean) * q + r with q = -rstd^2 c2, r = -rstd c1 per (n, g).
 //   - Determinism: every reduction (warp shuffles, shared memory, over blocks, over n) runs in an order fixed by the
-//     shape; no atomics. dweight/dbias are reduced over n by one thread per channel.
-// NCHW (x is (N, C, S)): one block per (n, g) whose D*S elements are contiguous (fwd_group / bwd_group on the CPU).
+//     shape; no atomics. dweight/dbias: one thread per channel sums n in fixed slices of kParamSlice, then the
+//     slices (param_grads, param_reduce).
+// NCHW (x is (N, C, S)): one block per (n, g) whose D*S elements are contiguous (fwd_group / bwd_group on the CPU);
+//   the first kNchwCacheBytes of the group's x (bwd: and dy) stay in shared memory for the output pass; packs of
+//   16, 8 or 4 bytes, the widest that divides S. y and dx (both layouts) are streaming stores (__stcs).
 // NHWC (x is (N, S, C)): per chunk of NS samples (sized to stay in L2 between kernels, like the CPU's cache chunk):
 //   1. a block per (sample, block of R rows, tile of CT channel vectors); a thread owns one vector of V channels and
-//      K rows, held in registers -> two-pass moments (or backward sums); phases merge in shared memory; per-block
+//      K rows, held in registers (backward sums: kRowBatch at a time) -> two-pass moments (or backward sums); phases merge in shared memory; per-block
 //      per-channel partials go to the workspace (block_moments / block_bwd_sums);
 //   2. a warp per (n, g): merges the partials of its channels over blocks, then the channels into the group;
 //   3. the output pass on the same tiles (block_normalize / block_bwd_dx).
