@@ -407,8 +407,8 @@ def _nchw_blocks(D, S, nbytes, direction="fwd"):
         return bd, bs, bd >= D and bs >= S
 
     bd, bs, one = fit(NCHW_TILE)
-    if one:
-        return bd, bs, True, NCHW_WARPS
+    if one:  # backward: x and dy of a tile over 2048 elements take 16 warps (128 registers at 8, 2048x7^2)
+        return bd, bs, True, 2 * NCHW_WARPS if direction == "bwd" and bd * bs > NCHW_TILE // 2 else NCHW_WARPS
     warps = 32 if D * S * nbytes > NCHW_WIDE_BYTES else 16
     return fit(NCHW_BIG[direction, warps])[:2] + (False, warps)
 
