@@ -17,6 +17,7 @@ Inception crops: Pillow resizes the box with filter taps reaching past its edges
 cropped box, so the output rows and columns within about one source pixel of the box's edges can differ by more
 (tested bound). In-memory arrays (Fashion-MNIST) have nothing to decode and keep Pillow in every mode.
 """
+import functools
 import io
 import warnings
 
@@ -105,6 +106,7 @@ def to_tensor(img):
     return torch.from_numpy(np.array(img, np.uint8)).permute(2, 0, 1)
 
 
+@functools.cache  # looked up once per process
 def _decode_jpeg():
     """torchvision.io.decode_jpeg, or None without torchvision (or once a release drops it: deprecated in 0.29)."""
     try:
@@ -121,9 +123,6 @@ def _decode_jpeg():
     return run
 
 
-_JPEG = []  # [decode_jpeg or None], looked up once per process
-
-
 def from_bytes(raw, mode="fast"):
     """Encoded image bytes -> RGB PIL image (mode pil) or uint8 (3, H, W) tensor (fast: CPU, gpu: CUDA for JPEGs).
     Unreadable bytes raise ValueError (the loop skips and counts the sample)."""
@@ -131,11 +130,10 @@ def from_bytes(raw, mode="fast"):
     try:
         with D._open(io.BytesIO(raw)) as im:  # header only, until to_rgb or decode_jpeg
             if mode != "pil" and im.format == "JPEG" and im.mode in ("RGB", "L"):  # not CMYK: Pillow's conversion
-                if not _JPEG:
-                    _JPEG.append(_decode_jpeg())
-                if _JPEG[0]:
+                jpeg = _decode_jpeg()
+                if jpeg:
                     D.check_pixels(im)
-                    return _JPEG[0](raw, "cuda" if mode == "gpu" else "cpu")
+                    return jpeg(raw, "cuda" if mode == "gpu" else "cpu")
             img = D.to_rgb(im)
     except (OSError, SyntaxError, RuntimeError) as e:  # PIL names the BytesIO object: a fixed message instead
         raise ValueError(f"cannot decode the image bytes ({type(e).__name__})") from None
